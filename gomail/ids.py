@@ -1,0 +1,64 @@
+"""Message ids that sort by time and are unique across restarts.
+
+An id is 26 characters of Crockford base32: 48 bits of milliseconds since the
+Unix epoch followed by 80 random bits (the ULID layout).  Within one process,
+ids made in the same millisecond increment the random part, so they still sort
+in the order they were made.  The date of the message is readable from the id,
+which is how the spool finds a message's folder from its id alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_DECODE = {c: i for i, c in enumerate(_ALPHABET)}
+ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+
+
+def _encode(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+class IdGenerator:
+    """Makes ids from a time source; monotonic within one generator."""
+
+    def __init__(self, random_bytes: object = os.urandom) -> None:
+        self._random_bytes = random_bytes
+        self._last_ms = -1
+        self._last_random = 0
+
+    def make(self, now: float) -> str:
+        """An id for a message received at ``now`` (Unix seconds)."""
+        ms = int(now * 1000)
+        if ms <= self._last_ms:
+            ms = self._last_ms
+            rnd = (self._last_random + 1) & ((1 << 80) - 1)
+        else:
+            rnd = int.from_bytes(self._random_bytes(10), "big")  # type: ignore[operator]
+        self._last_ms, self._last_random = ms, rnd
+        return _encode(ms, 10) + _encode(rnd, 16)
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` has the shape of a gomail id (safe as a file name)."""
+    return bool(ID_PATTERN.match(value))
+
+
+def id_time(message_id: str) -> datetime:
+    """The UTC time encoded in an id."""
+    ms = 0
+    for ch in message_id[:10]:
+        ms = (ms << 5) | _DECODE[ch]
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def iso_utc(now: float) -> str:
+    """ISO 8601 UTC with milliseconds and a ``Z``."""
+    return datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -1,0 +1,252 @@
+"""The service tree: pure wiring of every component from a Config.
+
+``build_service(config, reactor, token)`` has no side effects: nothing binds,
+no thread starts and no file is touched until the tree is started, so a test
+can pass a ``MemoryReactorClock`` and inspect the tree.
+
+Start order: thread pools, spool (recovery), limiter, delivery, pending work,
+then the listeners.  Stop order (graceful shutdown, design.md section 3):
+
+1. refuse new work: ``/ready`` turns 503, SMTP sessions get ``421 4.3.2`` at
+   their next command outside a transaction, new HTTP requests get 503;
+2. stop listening on every port at once;
+3. drain SMTP sessions and HTTP requests in flight, bounded by
+   ``shutdown_timeout``; then close whatever is left;
+4. stop delivery (in-flight webhook calls may finish within what is left
+   of the timeout; pending jobs stay on disk);
+5. stop the spool (last commits, checkpoint), the limiter, the thread pools.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from gomail.api import APISite, HTTPApi
+from gomail.config import Config
+from gomail.delivery.client import make_http_client
+from gomail.delivery.jobs import JobStore
+from gomail.delivery.router import Router
+from gomail.delivery.service import DeliveryService
+from gomail.limiter import LimiterService
+from gomail.metrics import GomailMetrics
+from gomail.processor import MessageProcessor
+from gomail.smtp.factory import SMTPFactory
+from gomail.spool import Spool
+
+
+class ThreadPoolService(Service):
+    """Starts and stops a dedicated, bounded thread pool with the tree."""
+
+    def __init__(self, name: str, minthreads: int, maxthreads: int) -> None:
+        self.name = name
+        self.pool = ThreadPool(minthreads, maxthreads, name=name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class GomailService(MultiService):
+    """The root service with an explicit start and stop order."""
+
+    _log = Logger()
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.spool: Spool
+        self.api: HTTPApi
+        self.site: APISite
+        self.smtp: SMTPFactory | None = None
+        self.limiter: LimiterService
+        self.delivery: DeliveryService | None = None
+        self.processor: MessageProcessor
+        self.listeners: list[IService] = []
+        self.pools: list[ThreadPoolService] = []
+        self.shutdown_summary: dict[str, Any] = {}
+
+    # MultiService starts children in insertion order, which is ours; the
+    # privileged start (binding ports) also follows it.
+    def startService(self) -> None:
+        Service.startService(self)
+        for pool in self.pools:
+            pool.startService()
+        self.spool.startService()
+        self.limiter.startService()
+        if self.delivery is not None:
+            self.delivery.startService()
+        self.processor.resume(self.spool.recovered_pending)
+        for listener in self.listeners:
+            if not listener.running:
+                listener.startService()
+        self._log.info(
+            "gomail started: HTTP on {http}, SMTP on {smtp}, spool in {spool}, domains {domains}, {routes} routes",
+            http=self.config.http.listen,
+            smtp=self.config.smtp.listen if self.config.smtp.enabled else "(disabled)",
+            spool=self.spool.layout.root,
+            domains=", ".join(self.config.domains),
+            routes=len(self.config.routes),
+        )
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        clock = self.reactor
+        deadline = clock.seconds() + self.config.shutdown_timeout
+        self._log.info("shutting down: draining for at most {timeout} s", timeout=self.config.shutdown_timeout)
+        self.api.shutting_down = True
+        if self.smtp is not None:
+            self.smtp.begin_shutdown()
+        await gatherResults([_maybe(listener.stopService()) for listener in self.listeners], consumeErrors=True)
+        sessions_at_start = self.smtp.active_sessions if self.smtp is not None else 0
+        requests_at_start = self.site.in_flight
+        while clock.seconds() < deadline and (
+            (self.smtp is not None and self.smtp.active_sessions) or self.site.in_flight
+        ):
+            await deferLater(clock, 0.05, lambda: None)
+        cut_sessions = self.smtp.active_sessions if self.smtp is not None else 0
+        cut_requests = self.site.in_flight
+        if self.smtp is not None and cut_sessions:
+            self.smtp.close_all()
+        self.site.close_connections()
+        deliveries_cut = 0
+        if self.delivery is not None:
+            stopping = _maybe(self.delivery.stopService())
+            while clock.seconds() < deadline and self.delivery.in_flight:
+                await deferLater(clock, 0.05, lambda: None)
+            deliveries_cut = self.delivery.in_flight
+            if deliveries_cut:
+                self.delivery.cancel_in_flight()
+            await stopping
+        while clock.seconds() < deadline and self.processor.in_flight:
+            await deferLater(clock, 0.05, lambda: None)
+        await _maybe(self.spool.stopService())
+        self.limiter.stopService()
+        for pool in reversed(self.pools):
+            pool.stopService()
+        self.shutdown_summary = {
+            "sessions_drained": sessions_at_start - cut_sessions,
+            "sessions_cut": cut_sessions,
+            "requests_drained": requests_at_start - cut_requests,
+            "requests_cut": cut_requests,
+            "deliveries_cut": deliveries_cut,
+        }
+        self._log.info(
+            "shutdown complete: {sessions_drained} SMTP sessions drained ({sessions_cut} cut), "
+            "{requests_drained} HTTP requests drained ({requests_cut} cut), {deliveries_cut} deliveries cut",
+            **self.shutdown_summary,
+        )
+
+
+def _maybe(result: Any) -> Deferred[Any]:
+    if isinstance(result, Deferred):
+        return result
+    d: Deferred[Any] = Deferred()
+    d.callback(result)
+    return d
+
+
+def build_service(
+    config: Config,
+    reactor: Any,
+    token: str,
+    registry: CollectorRegistry | None = None,
+    http_client: Any | None = None,
+) -> GomailService:
+    """Build the whole service tree from ``config``; no side effects.
+
+    Args:
+        config: The validated configuration.
+        reactor: The reactor (clock, threads, listeners).
+        token: The HTTP API bearer token (configured or generated).
+        registry: The Prometheus registry (a fresh one by default).
+        http_client: A treq ``HTTPClient`` for webhooks (tests inject
+            ``StubTreq``); by default one on a pooled connection pool.
+    """
+    root = GomailService(config, reactor)
+    metrics = GomailMetrics(registry if registry is not None else CollectorRegistry())
+    root.metrics = metrics  # type: ignore[attr-defined]
+
+    spool_pool = ThreadPoolService("gomail-spool", 1, 2)
+    work_pool = ThreadPoolService("gomail-work", 1, config.io_threads)
+    root.pools = [spool_pool, work_pool]
+
+    root.spool = Spool(os.path.join(config.data_dir), reactor, spool_pool.pool, metrics, max_header_bytes=config.smtp.settings.max_header_bytes)
+    root.limiter = LimiterService(config.rate_limit, reactor, metrics)
+    router = Router(config.domains, config.routes)
+    root.router = router  # type: ignore[attr-defined]
+
+    if config.routes:
+        pool = None
+        if http_client is None:
+            http_client, pool = make_http_client(reactor, config.delivery)
+        store = JobStore(os.path.join(config.data_dir, "jobs"))
+        spool = root.spool
+
+        def load_message(message_id: str) -> Deferred[tuple[dict[str, Any], bytes]]:
+            from twisted.internet.threads import deferToThreadPool
+
+            return deferToThreadPool(reactor, work_pool.pool, lambda: (spool.read_record(message_id), spool.read_raw(message_id)))
+
+        root.delivery = DeliveryService(
+            config.delivery,
+            router,
+            store,
+            http_client,
+            reactor,
+            work_pool.pool,
+            load_message,
+            metrics=metrics,
+            rng=random.SystemRandom(),
+            pool=pool,
+        )
+
+    root.processor = MessageProcessor(root.spool, reactor, work_pool.pool, root.delivery)
+    root.spool.on_stored = root.processor.message_stored
+
+    root.api = HTTPApi(
+        root.spool,
+        router,
+        token,
+        reactor,
+        metrics,
+        limiter=root.limiter,
+        queue=root.delivery,
+        serve_metrics=config.http.metrics,
+    )
+    root.site = APISite(root.api.resource(), config.http.max_body_size, metrics, reactor)
+    http_listener = strports.service(config.http.listen, root.site, reactor=reactor)
+    http_listener.setName("http")
+    root.listeners.append(http_listener)
+
+    if config.smtp.enabled:
+        root.smtp = SMTPFactory(config.smtp.settings, root.spool, router, reactor, metrics, limiter=root.limiter)
+        smtp_listener = strports.service(config.smtp.listen, root.smtp, reactor=reactor)
+        smtp_listener.setName("smtp")
+        root.listeners.append(smtp_listener)
+
+    # Parent the listeners so twistd's privilegedStartService binds them
+    # (port 25 before dropping privileges); our startService runs the rest.
+    for listener in root.listeners:
+        listener.setServiceParent(root)
+    return root
+
+
+__all__ = ["build_service", "GomailService", "ThreadPoolService"]

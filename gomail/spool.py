@@ -1,0 +1,735 @@
+"""The durable on-disk spool, with group commit through a journal.
+
+Layout under ``data_dir``::
+
+    journal/<seq>.log              group-commit journal segments
+    tmp/                           large messages being received
+    messages/YYYY/MM/DD/<id>.eml   the raw message, exactly as received
+    messages/YYYY/MM/DD/<id>.json  the record (envelope, summary, parsed message, state)
+    pending/<id>                   accepted, not yet handed to delivery
+
+How a message becomes durable (the acknowledgement waits for this):
+
+* Small messages (up to ``spill_threshold``, 256 KiB by default) are held in
+  memory while they arrive.  At commit, the committer thread appends the
+  record and the raw bytes of *every* message committed since the previous
+  sync to the journal, with a CRC32 per entry, and calls ``fdatasync`` once:
+  one disk flush covers all of them (group commit).  Then the replies go out.
+  Only after that are the ``.eml``/``.json`` files and the pending marker
+  written, without an fsync each.
+* Larger messages are streamed to ``tmp/`` as they arrive (memory stays
+  bounded); at commit the file is ``fdatasync``ed, renamed into
+  ``messages/...`` and the folder ``fsync``ed, and the journal entry holds
+  only the record.
+* A checkpoint (every ``checkpoint_interval`` seconds, and at shutdown)
+  starts a new journal segment, flushes the file system (``syncfs``) so the
+  materialised files are durable, then deletes the old segments.
+* At start-up, journal segments are replayed: every complete entry whose
+  files are missing is written out again; an incomplete last entry (a crash
+  mid-write) was never acknowledged and is dropped.  Leftovers in ``tmp/``
+  are removed.  Messages with a pending marker are handed to delivery again.
+
+All file I/O runs in the spool's own thread pool; the reactor thread only
+appends to in-memory buffers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from gomail.errors import GomailError, StorageFailed, Unavailable
+from gomail.ids import IdGenerator, id_time, is_valid_id, iso_utc
+from gomail.interfaces import Envelope, IMessageWriter, ISpool, StoredMessage
+from gomail.metrics import GomailMetrics
+from gomail.parser import parse_header_summary
+
+_MAGIC = b"GMJ1"
+_HEAD = struct.Struct(">4sIQI")  # magic, record length, raw length, crc32
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _syncfs: Callable[[int], int] | None = _libc.syncfs
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _syncfs = None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_filesystem(path: str) -> None:
+    """Flush every dirty file of the file system holding ``path``."""
+    if _syncfs is None:  # pragma: no cover
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd) != 0:  # pragma: no cover
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary name and a rename."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class SpoolLayout:
+    """Where each file of the spool lives."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.root = os.path.abspath(data_dir)
+        self.journal = os.path.join(self.root, "journal")
+        self.tmp = os.path.join(self.root, "tmp")
+        self.messages = os.path.join(self.root, "messages")
+        self.pending = os.path.join(self.root, "pending")
+
+    def folders(self) -> tuple[str, ...]:
+        return (self.root, self.journal, self.tmp, self.messages, self.pending)
+
+    def message_dir(self, message_id: str) -> str:
+        when = id_time(message_id)
+        return os.path.join(self.messages, f"{when:%Y}", f"{when:%m}", f"{when:%d}")
+
+    def raw_path(self, message_id: str) -> str:
+        return os.path.join(self.message_dir(message_id), f"{message_id}.eml")
+
+    def record_path(self, message_id: str) -> str:
+        return os.path.join(self.message_dir(message_id), f"{message_id}.json")
+
+    def pending_path(self, message_id: str) -> str:
+        return os.path.join(self.pending, message_id)
+
+
+def envelope_record(message_id: str, received_at: str, envelope: Envelope, size: int, summary: dict[str, Any]) -> dict[str, Any]:
+    """The stored record of a newly accepted message (GoMail's fields first)."""
+    return {
+        "id": message_id,
+        "received_at": received_at,
+        "transport": envelope.transport,
+        "sender": envelope.mail_from,
+        "recipient": envelope.rcpt_to[0] if envelope.rcpt_to else "",
+        "subject": summary.get("subject"),
+        "message_id": summary.get("message_id"),
+        "connection": {
+            "client_address": envelope.client_address,
+            "client_hostname": envelope.client_hostname,
+            "client_helo": envelope.helo,
+            "client_port": envelope.client_port,
+        },
+        "authentication": dict(envelope.authentication),
+        "envelope": {
+            "mail_from": envelope.mail_from,
+            "rcpt_to": list(envelope.rcpt_to),
+            "helo": envelope.helo,
+            "client": {
+                "address": envelope.client_address,
+                "port": envelope.client_port,
+                "hostname": envelope.client_hostname,
+            },
+            "transport": envelope.transport,
+            "tls": envelope.tls,
+            "body": envelope.body,
+            "smtputf8": envelope.smtputf8,
+            "protocol": envelope.protocol,
+            "request_id": envelope.request_id,
+        },
+        "size": size,
+        "raw_file": f"{message_id}.eml",
+        "message": None,
+        "delivery": {"state": "accepted"},
+    }
+
+
+class _Commit:
+    """One message waiting for the committer."""
+
+    __slots__ = ("writer", "envelope", "record", "deferred")
+
+    def __init__(self, writer: SpoolWriter, envelope: Envelope, deferred: Deferred[StoredMessage]) -> None:
+        self.writer = writer
+        self.envelope = envelope
+        self.record: dict[str, Any] | None = None
+        self.deferred = deferred
+
+
+@implementer(IMessageWriter)
+class SpoolWriter:
+    """A message being received: in memory while small, then in ``tmp/``."""
+
+    def __init__(self, spool: Spool, message_id: str, received_at: str, now: float) -> None:
+        self._spool = spool
+        self.id = message_id
+        self.received_at = received_at
+        self.started = now
+        self.size = 0
+        self.head = bytearray()  # the first bytes, for the header summary
+        self.buffer: bytearray | None = bytearray()
+        self.tmp_path: str | None = None
+        self._fd: int | None = None
+        self._chain: Deferred[None] = succeed(None)
+        self._backlog = 0
+        self._drained: Deferred[None] | None = None
+        self.failure: BaseException | None = None
+        self.closed = False
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        """Append ``data``; a Deferred to wait on when the disk lags behind."""
+        if self.closed or not data:
+            return None
+        self.size += len(data)
+        if len(self.head) < self._spool.max_header_bytes:
+            self.head += data[: self._spool.max_header_bytes - len(self.head)]
+        if self.buffer is not None:
+            self.buffer += data
+            if len(self.buffer) <= self._spool.spill_threshold:
+                return None
+            data, self.buffer = bytes(self.buffer), None
+            self.tmp_path = os.path.join(self._spool.layout.tmp, f"{self.id}.eml.tmp")
+        self._backlog += len(data)
+        self._chain.addCallback(lambda _: self._spool._in_thread(self._write_chunk, data))
+        self._chain.addCallbacks(self._chunk_written, self._remember_failure)
+        if self._backlog > self._spool.max_backlog:
+            if self._drained is None:
+                self._drained = Deferred()
+            return self._drained
+        return None
+
+    def _write_chunk(self, data: bytes) -> int:
+        if self.failure is not None:
+            return len(data)
+        if self._fd is None:
+            assert self.tmp_path is not None
+            self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        return len(data)
+
+    def _remember_failure(self, failure: Failure) -> None:
+        self.failure = failure.value
+        self._backlog = 0
+        self._release()
+
+    def _chunk_written(self, written: int) -> None:
+        """Reactor thread: a chunk reached the file; maybe resume the client."""
+        self._backlog -= written
+        if self._backlog <= self._spool.max_backlog // 2:
+            self._release()
+
+    def _release(self) -> None:
+        if self._drained is not None:
+            d, self._drained = self._drained, None
+            d.callback(None)
+
+    def commit(self, envelope: Envelope) -> Deferred[StoredMessage]:
+        """Make the message durable; fires once it is on disk."""
+        if self.closed:
+            raise StorageFailed("message already committed or aborted")
+        self.closed = True
+        d: Deferred[StoredMessage] = Deferred()
+        self._chain.addBoth(lambda _: self._spool._enqueue(_Commit(self, envelope, d)))
+        return d
+
+    def abort(self) -> None:
+        """Drop the message and whatever was written of it."""
+        if self.closed:
+            return
+        self.closed = True
+        self.buffer = None
+        self._chain.addBoth(lambda _: self._spool._in_thread(self.discard_files))
+        self._chain.addErrback(lambda f: None)
+
+    def discard_files(self) -> None:
+        """Close and remove the temporary file, if any (committer thread)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.tmp_path is not None:
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+
+    def finish_file(self, final_path: str) -> None:
+        """Flush the temporary file to disk and move it into place."""
+        assert self._fd is not None and self.tmp_path is not None
+        os.fdatasync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.makedirs(os.path.dirname(final_path), exist_ok=True)
+        os.replace(self.tmp_path, final_path)
+        _fsync_dir(os.path.dirname(final_path))
+
+
+@implementer(ISpool)
+class Spool(Service):
+    """The spool service: accepts messages durably and recovers after a crash.
+
+    Args:
+        data_dir: Root folder of the spool.
+        reactor: Supplies the clock and ``callFromThread``.
+        threadpool: The spool's own pool for file I/O (started by the tree).
+        metrics: Where to count.
+        on_stored: Called on the reactor thread with ``(message_id, raw or
+            None)`` once a message's files are written; raw is given for
+            small messages to spare a read.
+    """
+
+    name = "spool"
+    _log = Logger()
+
+    def __init__(
+        self,
+        data_dir: str,
+        reactor: Any,
+        threadpool: ThreadPool,
+        metrics: GomailMetrics | None = None,
+        *,
+        spill_threshold: int = 256 * 1024,
+        max_backlog: int = 1024 * 1024,
+        max_header_bytes: int = 1024 * 1024,
+        journal_max: int = 64 * 1024 * 1024,
+        checkpoint_interval: float = 2.0,
+        min_free_bytes: int = 16 * 1024 * 1024,
+        on_stored: Callable[[str, bytes | None], object] | None = None,
+    ) -> None:
+        self.layout = SpoolLayout(data_dir)
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self._threads: IReactorFromThreads = reactor
+        self._pool = threadpool
+        self._metrics = metrics
+        self.spill_threshold = spill_threshold
+        self.max_backlog = max_backlog
+        self.max_header_bytes = max_header_bytes
+        self._journal_max = journal_max
+        self._checkpoint_interval = checkpoint_interval
+        self._min_free = min_free_bytes
+        self.on_stored = on_stored
+        self._ids = IdGenerator()
+        self._queue: list[_Commit] = []
+        self._committing = False
+        self._idle_waiters: list[Deferred[None]] = []
+        self._journal_fd: int | None = None
+        self._journal_seq = 0
+        self._journal_size = 0
+        self._journal_dirty = False
+        self._checkpoint_loop: LoopingCall | None = None
+        self._handed: set[str] = set()
+        self._last_error: str | None = None
+        self.recovered_pending: list[str] = []
+
+    # -- ISpool ---------------------------------------------------------------
+
+    def begin(self) -> SpoolWriter:
+        """Start a new message; refuses when stopped or the disk is full."""
+        if not self.running:
+            raise Unavailable("the spool is not running", retry_after=30)
+        if not self._has_space():
+            raise StorageFailed("the spool's disk is full", retry_after=60)
+        now = self._clock.seconds()
+        return SpoolWriter(self, self._ids.make(now), iso_utc(now), now)
+
+    def store(self, envelope: Envelope, raw: bytes) -> Deferred[StoredMessage]:
+        """Store a whole message at once."""
+        try:
+            writer = self.begin()
+        except GomailError as e:
+            return fail(e)
+        writer.write(raw)
+        return writer.commit(envelope)
+
+    def is_writable(self) -> bool:
+        """Whether the spool takes messages now (for ``/ready``)."""
+        return self.running and self._last_error is None and self._has_space() and os.access(self.layout.root, os.W_OK)
+
+    # -- service --------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Recover from the journal, then start taking messages."""
+        for folder in self.layout.folders():
+            os.makedirs(folder, exist_ok=True)
+        self.recovered_pending = self.recover()
+        self._open_segment()
+        super().startService()
+        self._checkpoint_loop = LoopingCall(self._periodic_checkpoint)
+        self._checkpoint_loop.clock = self._clock
+        self._checkpoint_loop.start(self._checkpoint_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Finish committing, then checkpoint so the journal is empty."""
+        super().stopService()
+        if self._checkpoint_loop is not None and self._checkpoint_loop.running:
+            self._checkpoint_loop.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self.wait_idle()
+        handed, self._handed = self._handed, set()
+        await self._in_thread(self._checkpoint, handed)
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+
+    def wait_idle(self) -> Deferred[None]:
+        """Fires when no commit batch is running or queued."""
+        if not self._committing and not self._queue:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    # -- committing -----------------------------------------------------------
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def _has_space(self) -> bool:
+        try:
+            st = os.statvfs(self.layout.root)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= self._min_free
+
+    def _enqueue(self, item: _Commit) -> None:
+        self._queue.append(item)
+        if not self._committing:
+            self._next_batch()
+
+    def _next_batch(self) -> None:
+        if not self._queue:
+            self._committing = False
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                w.callback(None)
+            return
+        batch, self._queue = self._queue, []
+        self._committing = True
+        if self._metrics is not None:
+            self._metrics.spool_commit_batch.observe(len(batch))
+        d = self._in_thread(self._commit_batch, batch)
+        d.addErrback(self._batch_crashed, batch)
+        d.addBoth(lambda _: self._next_batch())
+
+    def _batch_crashed(self, failure: Failure, batch: list[_Commit]) -> None:  # pragma: no cover - a bug
+        self._log.failure("commit batch crashed", failure)
+        for item in batch:
+            if not item.deferred.called:
+                item.deferred.errback(StorageFailed("internal error while storing"))
+
+    def _commit_batch(self, batch: list[_Commit]) -> None:
+        """Committer thread: journal, one sync, replies, then the files."""
+        good: list[_Commit] = []
+        for item in batch:
+            w = item.writer
+            try:
+                if w.failure is not None:
+                    raise w.failure
+                summary = parse_header_summary(bytes(w.head), max_header_bytes=self.max_header_bytes)
+                item.record = envelope_record(w.id, w.received_at, item.envelope, w.size, summary)
+                if w.tmp_path is not None:
+                    w.finish_file(self.layout.raw_path(w.id))
+                good.append(item)
+            except Exception as e:  # noqa: BLE001 - reported to the client as storage
+                w.discard_files()
+                self._fail_from_thread(item, e)
+        if not good:
+            return
+        try:
+            self._append_journal(good)
+        except Exception as e:  # noqa: BLE001
+            for item in good:
+                if item.writer.tmp_path is not None:
+                    _unlink_quietly(self.layout.raw_path(item.writer.id))
+                self._fail_from_thread(item, e)
+            return
+        self._last_error = None
+        for item in good:
+            self._threads.callFromThread(self._acknowledge, item)
+        for item in good:
+            try:
+                raw = self._materialise(item)
+            except OSError as e:
+                # The journal has it; a later checkpoint or restart writes it.
+                self._log.error("could not write files of {msg_id}: {error}", msg_id=item.writer.id, error=str(e))
+                continue
+            self._threads.callFromThread(self._stored, item.writer.id, raw)
+
+    def _fail_from_thread(self, item: _Commit, error: BaseException) -> None:
+        if isinstance(error, OSError):
+            self._last_error = os.strerror(error.errno) if error.errno else str(error)
+            msg = "the spool's disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "could not write the message to the spool"
+            error = StorageFailed(msg, retry_after=60)
+        elif not isinstance(error, GomailError):
+            error = StorageFailed("could not write the message to the spool", retry_after=60)
+        self._threads.callFromThread(self._fail, item, error)
+
+    def _fail(self, item: _Commit, error: BaseException) -> None:
+        self._log.error("storing {msg_id} failed: {error}", msg_id=item.writer.id, error=str(error))
+        if self._metrics is not None:
+            self._metrics.errors.labels("storage").inc()
+        item.deferred.errback(error)
+
+    def _acknowledge(self, item: _Commit) -> None:
+        w = item.writer
+        if self._metrics is not None:
+            self._metrics.messages_received.labels(item.envelope.transport).inc()
+            self._metrics.message_size.observe(w.size)
+        item.deferred.callback(StoredMessage(w.id, w.received_at, w.size))
+
+    def _stored(self, message_id: str, raw: bytes | None) -> None:
+        if self.on_stored is not None:
+            self.on_stored(message_id, raw)
+
+    def _append_journal(self, items: list[_Commit]) -> None:
+        assert self._journal_fd is not None
+        chunks: list[bytes] = []
+        for item in items:
+            record = json.dumps(item.record, separators=(",", ":")).encode("utf-8")
+            raw = bytes(item.writer.buffer) if item.writer.buffer is not None else b""
+            crc = zlib.crc32(raw, zlib.crc32(record))
+            chunks += [_HEAD.pack(_MAGIC, len(record), len(raw), crc), record, raw]
+        data = b"".join(chunks)
+        start = self._journal_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._journal_fd, view) :]
+            os.fdatasync(self._journal_fd)
+        except OSError:
+            # Leave no partial entry behind: cut the segment back.
+            try:
+                os.ftruncate(self._journal_fd, start)
+                os.lseek(self._journal_fd, start, os.SEEK_SET)
+            except OSError:
+                pass
+            raise
+        self._journal_size += len(data)
+        self._journal_dirty = True
+
+    def _materialise(self, item: _Commit) -> bytes | None:
+        w = item.writer
+        folder = self.layout.message_dir(w.id)
+        os.makedirs(folder, exist_ok=True)
+        raw: bytes | None = None
+        if w.buffer is not None:
+            raw = bytes(w.buffer)
+            _write_atomic(self.layout.raw_path(w.id), raw)
+            w.buffer = None
+        assert item.record is not None
+        _write_atomic(self.layout.record_path(w.id), json.dumps(item.record, indent=1).encode("utf-8"))
+        with open(self.layout.pending_path(w.id), "wb"):
+            pass
+        return raw
+
+    # -- checkpoints and recovery ------------------------------------------
+
+    def _segment_path(self, seq: int) -> str:
+        return os.path.join(self.layout.journal, f"{seq:012d}.log")
+
+    def _open_segment(self) -> None:
+        self._journal_seq += 1
+        path = self._segment_path(self._journal_seq)
+        self._journal_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._journal_size = 0
+        self._journal_dirty = False
+        _fsync_dir(self.layout.journal)
+
+    def _periodic_checkpoint(self) -> None:
+        if not (self._journal_dirty or self._handed) or self._committing or self._queue:
+            return
+        self._committing = True
+        handed, self._handed = self._handed, set()
+        d = self._in_thread(self._checkpoint, handed)
+        d.addErrback(lambda f: self._log.failure("checkpoint failed", f))
+        d.addBoth(lambda _: self._next_batch())
+
+    def _checkpoint(self, handed: set[str]) -> None:
+        """Committer thread: make written files durable, then drop the journal.
+
+        One ``syncfs`` covers the files materialised since the last
+        checkpoint and whatever delivery wrote for the messages handed to it;
+        only after it are old journal segments and those messages' pending
+        markers removed.
+        """
+        if not self._journal_dirty and not handed:
+            return
+        old_fd, old_seq = self._journal_fd, self._journal_seq
+        if self._journal_dirty:
+            self._open_segment()
+        _sync_filesystem(self.layout.root)
+        if old_fd is not None and old_fd != self._journal_fd:
+            os.close(old_fd)
+            for name in os.listdir(self.layout.journal):
+                if name.endswith(".log") and int(name[:-4]) <= old_seq:
+                    os.unlink(os.path.join(self.layout.journal, name))
+        for message_id in handed:
+            _unlink_quietly(self.layout.pending_path(message_id))
+
+    def recover(self) -> list[str]:
+        """Replay the journal, clear ``tmp/``; the ids still pending delivery.
+
+        Runs before the reactor serves anyone (start-up), so it may block.
+        """
+        for name in os.listdir(self.layout.tmp):
+            _unlink_quietly(os.path.join(self.layout.tmp, name))
+        segments = sorted(n for n in os.listdir(self.layout.journal) if n.endswith(".log"))
+        replayed = 0
+        for name in segments:
+            path = os.path.join(self.layout.journal, name)
+            for record, raw in _read_journal(path):
+                replayed += self._replay(record, raw)
+            self._journal_seq = max(self._journal_seq, int(name[:-4]))
+        if segments:
+            _sync_filesystem(self.layout.root)
+            for name in segments:
+                os.unlink(os.path.join(self.layout.journal, name))
+            _fsync_dir(self.layout.journal)
+        for dirpath, _dirs, files in os.walk(self.layout.messages):
+            for name in files:
+                if name.endswith(".tmp"):
+                    _unlink_quietly(os.path.join(dirpath, name))
+        pending = sorted(n for n in os.listdir(self.layout.pending) if is_valid_id(n))
+        self._log.info(
+            "spool recovered: {replayed} messages rewritten from the journal, {pending} pending delivery",
+            replayed=replayed,
+            pending=len(pending),
+        )
+        return pending
+
+    def _replay(self, record: dict[str, Any], raw: bytes) -> int:
+        message_id = record.get("id", "")
+        if not is_valid_id(message_id):
+            return 0
+        folder = self.layout.message_dir(message_id)
+        os.makedirs(folder, exist_ok=True)
+        raw_path, record_path = self.layout.raw_path(message_id), self.layout.record_path(message_id)
+        rewritten = 0
+        if raw and not _complete(raw_path, len(raw)):
+            _write_atomic(raw_path, raw)
+            rewritten = 1
+        if not _valid_json(record_path):
+            _write_atomic(record_path, json.dumps(record, indent=1).encode("utf-8"))
+            rewritten = 1
+        pending = self.layout.pending_path(message_id)
+        if not os.path.exists(pending):
+            try:
+                with open(record_path, "rb") as f:
+                    state = json.loads(f.read()).get("delivery", {}).get("state")
+            except (OSError, ValueError):
+                state = "accepted"
+            if rewritten or state == "accepted":
+                with open(pending, "wb"):
+                    pass
+        return rewritten
+
+    # -- reading (for delivery and the pipeline) ---------------------------
+
+    def read_record(self, message_id: str) -> dict[str, Any]:
+        """The record of a message (blocking; call in a thread)."""
+        with open(self.layout.record_path(message_id), "rb") as f:
+            result: dict[str, Any] = json.loads(f.read())
+        return result
+
+    def read_raw(self, message_id: str) -> bytes:
+        """The raw bytes of a message (blocking; call in a thread)."""
+        with open(self.layout.raw_path(message_id), "rb") as f:
+            return f.read()
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Replace a record atomically (blocking; call in a thread).
+
+        Not fsynced: a crash may roll the record back to its earlier state,
+        which is then processed again (at-least-once).
+        """
+        _write_atomic(self.layout.record_path(record["id"]), json.dumps(record, indent=1).encode("utf-8"))
+
+    def mark_handed(self, message_id: str) -> None:
+        """Reactor thread: delivery has the message (its jobs are written).
+
+        The pending marker goes at the next checkpoint, after the file
+        system sync that makes the delivery jobs durable.
+        """
+        self._handed.add(message_id)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _complete(path: str, size: int) -> bool:
+    try:
+        return os.path.getsize(path) == size
+    except OSError:
+        return False
+
+
+def _valid_json(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            json.loads(f.read())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _read_journal(path: str) -> Any:
+    """Yield ``(record, raw)`` for each complete, intact entry of a segment."""
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos + _HEAD.size <= len(data):
+        magic, rlen, blen, crc = _HEAD.unpack_from(data, pos)
+        start = pos + _HEAD.size
+        end = start + rlen + blen
+        if magic != _MAGIC or end > len(data):
+            return
+        record_bytes, raw = data[start : start + rlen], data[start + rlen : end]
+        if zlib.crc32(raw, zlib.crc32(record_bytes)) != crc:
+            return
+        try:
+            record = json.loads(record_bytes)
+        except ValueError:
+            return
+        yield record, raw
+        pos = end
+
+
+__all__ = ["Spool", "SpoolLayout", "SpoolWriter", "envelope_record"]

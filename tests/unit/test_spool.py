@@ -1,0 +1,245 @@
+"""Tests for gomail.spool: durable writes, group commit, recovery."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from prometheus_client import CollectorRegistry
+from twisted.trial.unittest import SynchronousTestCase
+
+from gomail.errors import StorageFailed, Unavailable
+from gomail.ids import is_valid_id
+from gomail.interfaces import Envelope
+from gomail.metrics import GomailMetrics
+from gomail.spool import Spool, _read_journal
+from tests.fakes import ManualThreadPool, ThreadlessReactor
+
+RAW = b"From: Alice <alice@example.org>\r\nTo: bob@example.com\r\nSubject: Hello\r\nMessage-ID: <m1@example.org>\r\n\r\nHi Bob\r\n"
+ENVELOPE = Envelope(
+    transport="smtp",
+    mail_from="alice@example.org",
+    rcpt_to=("bob@example.com", "carol@example.com"),
+    helo="mx.example.org",
+    client_address="203.0.113.5",
+    client_port=4321,
+)
+
+
+class SpoolTestBase(SynchronousTestCase):
+    def make_spool(self, auto: bool = True, **kwargs: object) -> Spool:
+        self.dir = getattr(self, "dir", None) or self.mktemp()
+        self.reactor = ThreadlessReactor()
+        self.reactor.advance(1_790_000_000)
+        self.pool = ManualThreadPool(auto=auto)
+        self.metrics = GomailMetrics(CollectorRegistry())
+        self.stored: list[tuple[str, bytes | None]] = []
+        spool = Spool(self.dir, self.reactor, self.pool, self.metrics, on_stored=lambda i, r: self.stored.append((i, r)), **kwargs)  # type: ignore[arg-type]
+        spool.startService()
+        self.addCleanup(lambda: spool.running and self._stop(spool))
+        return spool
+
+    def _stop(self, spool: Spool) -> None:
+        d = spool.stopService()
+        self.pool.auto = True
+        self.pool.run_all()
+        self.successResultOf(d)
+
+
+class StoreTests(SpoolTestBase):
+    def test_store_writes_raw_record_and_pending_marker(self) -> None:
+        """A stored message has its exact bytes, a JSON record and a pending marker on disk."""
+        spool = self.make_spool()
+        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
+        self.assertTrue(is_valid_id(stored.id))
+        self.assertEqual(stored.size, len(RAW))
+        self.assertEqual(stored.received_at, "2026-09-21T14:13:20.000Z")
+        folder = os.path.join(self.dir, "messages", "2026", "09", "21")
+        with open(os.path.join(folder, f"{stored.id}.eml"), "rb") as f:
+            self.assertEqual(f.read(), RAW)
+        with open(os.path.join(folder, f"{stored.id}.json"), "rb") as f:
+            record = json.loads(f.read())
+        self.assertEqual(record["id"], stored.id)
+        self.assertEqual(record["sender"], "alice@example.org")
+        self.assertEqual(record["recipient"], "bob@example.com")
+        self.assertEqual(record["subject"], "Hello")
+        self.assertEqual(record["message_id"], "<m1@example.org>")
+        self.assertEqual(
+            record["connection"],
+            {"client_address": "203.0.113.5", "client_hostname": None, "client_helo": "mx.example.org", "client_port": 4321},
+        )
+        self.assertEqual(record["envelope"]["rcpt_to"], ["bob@example.com", "carol@example.com"])
+        self.assertEqual(record["delivery"], {"state": "accepted"})
+        self.assertTrue(os.path.exists(os.path.join(self.dir, "pending", stored.id)))
+        self.assertEqual(self.stored, [(stored.id, RAW)])
+
+    def test_ids_sort_by_time_and_are_unique(self) -> None:
+        """Ids made in one millisecond and later still sort in order and differ."""
+        spool = self.make_spool()
+        ids = [self.successResultOf(spool.store(ENVELOPE, RAW)).id for _ in range(3)]
+        self.reactor.advance(0.5)
+        ids.append(self.successResultOf(spool.store(ENVELOPE, RAW)).id)
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 4)
+
+    def test_ack_waits_for_the_journal_sync(self) -> None:
+        """The commit Deferred fires only after the committer ran; the journal holds the message."""
+        spool = self.make_spool(auto=False)
+        d = spool.store(ENVELOPE, RAW)
+        self.assertNoResult(d)
+        self.pool.run_one()
+        stored = self.successResultOf(d)
+        segments = os.listdir(os.path.join(self.dir, "journal"))
+        self.assertEqual(len(segments), 1)
+        entries = list(_read_journal(os.path.join(self.dir, "journal", segments[0])))
+        self.assertEqual([(r["id"], raw) for r, raw in entries], [(stored.id, RAW)])
+
+    def test_group_commit_batches_messages_that_arrive_during_a_sync(self) -> None:
+        """Messages committed while a batch runs share the next single batch."""
+        spool = self.make_spool(auto=False)
+        first = spool.store(ENVELOPE, RAW)
+        later = [spool.store(ENVELOPE, RAW + bytes([65 + i])) for i in range(3)]
+        self.assertEqual(len(self.pool.queue), 1)
+        self.pool.run_one()
+        self.successResultOf(first)
+        for d in later:
+            self.assertNoResult(d)
+        self.assertEqual(len(self.pool.queue), 1)
+        self.pool.run_one()
+        for d in later:
+            self.successResultOf(d)
+        samples = {s.labels.get("le"): s.value for s in self.metrics.registry.collect() for s in s.samples if s.name == "gomail_spool_commit_batch_size_bucket"}
+        self.assertEqual(samples["1.0"], 1)
+        self.assertEqual(samples["4.0"], 2)
+
+    def test_refuses_when_not_running(self) -> None:
+        """A stopped spool refuses new messages as unavailable."""
+        spool = self.make_spool()
+        self._stop(spool)
+        self.assertRaises(Unavailable, spool.begin)
+
+
+class LargeMessageTests(SpoolTestBase):
+    def test_large_message_streams_to_tmp_and_lands_intact(self) -> None:
+        """Past the spill threshold the bytes go to tmp/ and the final file is exact."""
+        spool = self.make_spool(spill_threshold=64)
+        writer = spool.begin()
+        chunks = [RAW] + [bytes([48 + i % 10]) * 50 + b"\r\n" for i in range(20)]
+        for chunk in chunks:
+            writer.write(chunk)
+        self.assertIsNone(writer.buffer)
+        stored = self.successResultOf(writer.commit(ENVELOPE))
+        with open(spool.layout.raw_path(stored.id), "rb") as f:
+            self.assertEqual(f.read(), b"".join(chunks))
+        self.assertEqual(os.listdir(spool.layout.tmp), [])
+        self.assertEqual(self.stored, [(stored.id, None)])
+
+    def test_backpressure_deferred_fires_when_disk_catches_up(self) -> None:
+        """write() asks the caller to pause past max_backlog and resumes it later."""
+        spool = self.make_spool(auto=False, spill_threshold=10, max_backlog=100)
+        writer = spool.begin()
+        self.assertIsNone(writer.write(b"x" * 50))
+        pause = writer.write(b"y" * 200)
+        self.assertIsNotNone(pause)
+        self.assertNoResult(pause)
+        self.pool.run_all()
+        self.successResultOf(pause)
+
+    def test_abort_removes_the_temporary_file(self) -> None:
+        """An aborted large message leaves nothing in tmp/."""
+        spool = self.make_spool(spill_threshold=10)
+        writer = spool.begin()
+        writer.write(b"z" * 100)
+        self.assertEqual(len(os.listdir(spool.layout.tmp)), 1)
+        writer.abort()
+        self.assertEqual(os.listdir(spool.layout.tmp), [])
+
+
+class FailureTests(SpoolTestBase):
+    def test_disk_full_is_a_storage_error_and_leaves_nothing(self) -> None:
+        """ENOSPC on the journal gives StorageFailed and no message files."""
+        spool = self.make_spool()
+
+        def full(items: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        spool._append_journal = full  # type: ignore[method-assign]
+        failure = self.failureResultOf(spool.store(ENVELOPE, RAW), StorageFailed)
+        self.assertEqual(failure.value.message, "the spool's disk is full")
+        self.assertEqual(failure.value.category, "storage")
+        self.assertEqual(failure.value.status, 507)
+        self.assertEqual(os.listdir(spool.layout.messages), [])
+        self.assertEqual(os.listdir(spool.layout.pending), [])
+        self.assertFalse(spool.is_writable())
+
+    def test_journal_write_error_truncates_the_partial_entry(self) -> None:
+        """A failed fdatasync cuts the segment back so no half entry stays."""
+        spool = self.make_spool()
+        self.successResultOf(spool.store(ENVELOPE, RAW))
+        segment = os.path.join(spool.layout.journal, os.listdir(spool.layout.journal)[0])
+        size = os.path.getsize(segment)
+        real = os.fdatasync
+        self.patch(os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        self.failureResultOf(spool.store(ENVELOPE, RAW), StorageFailed)
+        self.patch(os, "fdatasync", real)
+        self.assertEqual(os.path.getsize(segment), size)
+
+
+class RecoveryTests(SpoolTestBase):
+    def test_journal_replay_restores_files_lost_in_a_crash(self) -> None:
+        """Messages acknowledged but not yet written out are rebuilt from the journal at start."""
+        spool = self.make_spool()
+
+        def crash(item: object) -> None:
+            raise OSError(errno.EIO, "simulated crash before the files were written")
+
+        spool._materialise = crash  # type: ignore[method-assign]
+        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
+        self.assertFalse(os.path.exists(spool.layout.raw_path(stored.id)))
+        spool.running = False  # the process died: no orderly stop
+        again = self.make_spool()
+        with open(again.layout.raw_path(stored.id), "rb") as f:
+            self.assertEqual(f.read(), RAW)
+        self.assertEqual(again.recovered_pending, [stored.id])
+        self.assertEqual(os.listdir(again.layout.journal), ["000000000002.log"])
+
+    def test_incomplete_journal_tail_is_dropped(self) -> None:
+        """A half-written last entry (never acknowledged) is ignored, earlier ones kept."""
+        spool = self.make_spool()
+        spool._materialise = lambda item: None  # type: ignore[method-assign,assignment,return-value]
+        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
+        segment = os.path.join(spool.layout.journal, os.listdir(spool.layout.journal)[0])
+        with open(segment, "ab") as f:
+            f.write(b"GMJ1\x00\x00\x01\x00garbage")
+        spool.running = False
+        again = self.make_spool()
+        self.assertEqual(again.recovered_pending, [stored.id])
+
+    def test_temp_leftovers_are_removed_at_start(self) -> None:
+        """Files left in tmp/ by a crash are removed at start-up."""
+        spool = self.make_spool()
+        with open(os.path.join(spool.layout.tmp, "x.eml.tmp"), "wb") as f:
+            f.write(b"partial")
+        spool.running = False
+        again = self.make_spool()
+        self.assertEqual(os.listdir(again.layout.tmp), [])
+
+    def test_checkpoint_empties_the_journal_and_clears_handed_markers(self) -> None:
+        """After a checkpoint the journal is gone and handed messages are no longer pending."""
+        spool = self.make_spool()
+        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
+        spool.mark_handed(stored.id)
+        self.reactor.advance(2.0)
+        self.assertEqual(os.listdir(spool.layout.pending), [])
+        for name in os.listdir(spool.layout.journal):
+            self.assertEqual(os.path.getsize(os.path.join(spool.layout.journal, name)), 0)
+
+    def test_record_still_accepted_gets_its_pending_marker_back(self) -> None:
+        """A crash between the record and its marker still leaves the message pending."""
+        spool = self.make_spool()
+        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
+        os.unlink(spool.layout.pending_path(stored.id))
+        spool.running = False
+        again = self.make_spool()
+        self.assertEqual(again.recovered_pending, [stored.id])
