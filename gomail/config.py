@@ -485,26 +485,38 @@ def load(
 def validate(data: dict[str, Any], warnings: list[str] | None = None) -> Config:
     """Validate merged settings into a :class:`Config`."""
     warnings = list(warnings or [])
+    errors: list[tuple[str, str]] = []
+    clean: dict[str, Any] | None = None
     try:
         clean = SCHEMA(data)
     except vol.MultipleInvalid as e:
-        raise ConfigError(sorted({(_path(err.path), _message(err)) for err in e.errors})) from e
+        errors += [(_path(err.path), _message(err)) for err in e.errors]
+    errors += _semantic_errors(clean if clean is not None else data)
+    if errors:
+        raise ConfigError(sorted(set(errors)))
+    assert clean is not None
+    return _build(clean, tuple(warnings))
+
+
+def _semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Checks beyond types; run on raw data too, so one run reports all."""
     errors: list[tuple[str, str]] = []
-    token = clean["http"].get("bearer_token")
-    if token is not None and not clean["http"]["allow_weak_token"]:
+    http = data.get("http") if isinstance(data.get("http"), dict) else {}
+    token = http.get("bearer_token")
+    if isinstance(token, str) and http.get("allow_weak_token") is not True:
         reason = weak_token_reason(token)
         if reason:
             errors.append(("http.bearer_token", f"the token is weak: {reason} (set http.allow_weak_token: true to accept it)"))
-    names = [r["name"] for r in clean["routes"]]
-    for i, name in enumerate(names):
-        if names.index(name) != i:
-            errors.append((f"routes[{i}].name", f"duplicate route name {name!r}"))
-    for i, r in enumerate(clean["routes"]):
-        if not r.get("match"):
+    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
+    names = [r.get("name") for r in routes if isinstance(r, dict)]
+    for i, r in enumerate(routes):
+        if not isinstance(r, dict):
+            continue
+        if r.get("name") is not None and names.index(r.get("name")) != i:
+            errors.append((f"routes[{i}].name", f"duplicate route name {r.get('name')!r}"))
+        if "match" in r and not r.get("match"):
             errors.append((f"routes[{i}].match", "a route needs at least one match"))
-    if errors:
-        raise ConfigError(errors)
-    return _build(clean, tuple(warnings))
+    return errors
 
 
 def _path(parts: list[Any]) -> str:

@@ -478,15 +478,16 @@ class Spool(Service):
                 self._fail_from_thread(item, e)
             return
         self._last_error = None
-        for item in good:
-            self._threads.callFromThread(self._acknowledge, item)
+        written: list[tuple[_Commit, bytes | None]] = []
         for item in good:
             try:
-                raw = self._materialise(item)
+                written.append((item, self._materialise(item)))
             except OSError as e:
-                # The journal has it; a later checkpoint or restart writes it.
+                # The journal has it (durable); the restart replay writes it.
                 self._log.error("could not write files of {msg_id}: {error}", msg_id=item.writer.id, error=str(e))
-                continue
+        for item in good:
+            self._threads.callFromThread(self._acknowledge, item)
+        for item, raw in written:
             self._threads.callFromThread(self._stored, item.writer.id, raw)
 
     def _fail_from_thread(self, item: _Commit, error: BaseException) -> None:

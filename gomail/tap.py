@@ -115,4 +115,14 @@ def makeService(options: Options) -> IService:
         )
     else:
         _log.info("API token: from the configuration (send it as 'Authorization: Bearer <token>')")
-    return build_service(config, reactor, token)
+    service = build_service(config, reactor, token)
+    # Twisted re-raises SIGTERM/SIGINT after shutdown so the exit status shows
+    # the signal (143).  A completed graceful drain is a clean exit for
+    # gomail: exit 0, as systemd units and supervisors expect.
+    reactor.addSystemEventTrigger("after", "shutdown", _exit_cleanly, reactor)
+    return service
+
+
+def _exit_cleanly(reactor: Any) -> None:
+    if hasattr(reactor, "_exitSignal"):
+        reactor._exitSignal = None

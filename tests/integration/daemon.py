@@ -45,8 +45,8 @@ def tool(name: str) -> str | None:
 class Daemon:
     """One gomail process with its own data dir and loopback ports."""
 
-    def __init__(self, workdir: str, config: str = "", env: dict[str, str] | None = None) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: str, config: str = "", env: dict[str, str] | None = None, limit_loopback: bool = False) -> None:
+        self.workdir = workdir = os.path.abspath(workdir)
         os.makedirs(workdir, exist_ok=True)
         self.data_dir = os.path.join(workdir, "data")
         self.http_port = free_port()
@@ -59,7 +59,9 @@ class Daemon:
                 f"domains: [example.com]\n"
                 f"http:\n  listen: 'tcp:{self.http_port}:interface=127.0.0.1'\n  bearer_token: {TOKEN}\n"
                 f"smtp:\n  listen: 'tcp:{self.smtp_port}:interface=127.0.0.1'\n"
-                f"logging: {{format: json}}\n" + config
+                f"logging: {{format: json}}\n"
+                + ("" if limit_loopback else "rate_limit: {allow: ['127.0.0.0/8']}\n")
+                + config
             )
         self.env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
         self.proc: subprocess.Popen[bytes] | None = None
