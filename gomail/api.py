@@ -15,6 +15,7 @@ import json
 import re
 import uuid
 import weakref
+from email.utils import getaddresses
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,6 @@ from gomail.errors import (
 )
 from gomail.interfaces import Envelope, IRecipientPolicy, ISpool
 from gomail.metrics import GomailMetrics, MetricsResource
-from gomail.parser import parse_header_summary
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HTTP_TO_UNKNOWN = "unknown"
@@ -131,6 +131,30 @@ def _header(request: IRequest, name: bytes) -> str | None:
 
 def _all_headers(request: IRequest, name: bytes) -> list[str]:
     return [v.decode("utf-8", "replace") for v in request.requestHeaders.getRawHeaders(name, [])]
+
+
+def header_addresses(raw: bytes, names: tuple[str, ...], limit: int = 65536) -> dict[str, list[str]]:
+    """Addresses in the named headers, cheaply (on the reactor thread).
+
+    Only the header section (at most ``limit`` bytes) is looked at, with the
+    stdlib's regex-based ``getaddresses``; the full parser runs later.
+    """
+    end = raw.find(b"\r\n\r\n", 0, limit)
+    if end < 0:
+        end = raw.find(b"\n\n", 0, limit)
+    head = raw[: end if end >= 0 else limit].decode("utf-8", "replace")
+    values: dict[str, list[str]] = {n: [] for n in names}
+    current: list[str] | None = None
+    for line in head.splitlines():
+        if line[:1] in (" ", "\t") and current is not None:
+            current[-1] += " " + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        key = name.strip().lower()
+        current = values[key] if sep and key in values else None
+        if current is not None:
+            current.append(value.strip())
+    return {n: [a for _, a in getaddresses(v) if "@" in a] for n, v in values.items()}
 
 
 def _split_addresses(values: list[str]) -> list[str]:
@@ -228,7 +252,11 @@ class HTTPApi:
     def _json(self, request: Any, status: int, body: dict[str, Any]) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(body).encode("utf-8") + b"\n"
+        data = json.dumps(body).encode("utf-8") + b"\n"
+        # An explicit length: otherwise an asynchronous answer goes out
+        # chunked, in two writes, and Nagle + delayed ACK add ~40 ms.
+        request.setHeader(b"Content-Length", str(len(data)).encode("ascii"))
+        return data
 
     # -- errors ----------------------------------------------------------------
 
@@ -365,11 +393,11 @@ class HTTPApi:
         recipients = _split_addresses(_all_headers(request, b"x-original-recipient"))
         sender = _header(request, b"x-original-mail-from") or _header(request, b"x-original-sender")
         if not recipients or sender is None:
-            summary = parse_header_summary(raw)
+            found = header_addresses(raw, ("from", "to", "cc"))
             if not recipients:
-                recipients = [a["address"] for a in summary["to"] + summary["cc"] if a.get("address")]
+                recipients = found["to"] + found["cc"]
             if sender is None:
-                sender = next((a["address"] for a in summary["from"] if a.get("address")), "")
+                sender = found["from"][0] if found["from"] else ""
         if not recipients:
             raise ValidationFailed("no recipient: send X-Original-Recipient or a To header")
         return Envelope(
@@ -441,35 +469,42 @@ class HTTPApi:
     # -- queue (operators) ---------------------------------------------------
 
     @app.route("/queue", methods=["GET"])
-    async def queue_list(self, request: Any) -> bytes:
+    def queue_list(self, request: Any) -> bytes:
         """Jobs, filtered by ``state`` and ``route`` query arguments."""
+        from gomail.delivery.admin import describe
+
         self._begin(request, "/queue")
         self._authenticate(request)
         queue = self._need_queue()
-        state = _arg(request, b"state")
-        route = _arg(request, b"route")
-        jobs = await queue.list_jobs(state=state, route=route)
+        jobs = [describe(job) for job in queue.list_jobs(state=_arg(request, b"state"), route=_arg(request, b"route"))]
         return self._json(request, 200, {"jobs": jobs, "count": len(jobs)})
 
     @app.route("/queue/dead/retry", methods=["POST"])
     async def queue_retry_dead(self, request: Any) -> bytes:
-        """Replay dead letters (optionally one route, or since a time)."""
+        """Replay dead letters (optionally one route, or dead since a time)."""
         self._begin(request, "/queue/dead/retry")
         self._authenticate(request)
         queue = self._need_queue()
-        since = _arg(request, b"since")
-        count = await queue.retry_dead(route=_arg(request, b"route"), since=float(since) if since else None)
-        return self._json(request, 200, {"retried": count})
+        since_text = _arg(request, b"since")
+        since = None
+        if since_text:
+            try:
+                since = float(since_text)
+            except ValueError:
+                raise InvalidSyntax("'since' must be a Unix time in seconds", {"since": since_text}) from None
+        ids = await queue.retry_dead(route=_arg(request, b"route"), since=since)
+        return self._json(request, 200, {"retried": len(ids), "ids": list(ids)})
 
     @app.route("/queue/<string:job_id>/retry", methods=["POST"])
     async def queue_retry(self, request: Any, job_id: str) -> bytes:
-        """Retry one job now."""
+        """Retry one job now (NotFound gives 404)."""
+        from gomail.delivery.admin import describe
+
         self._begin(request, "/queue/{id}/retry")
         self._authenticate(request)
         queue = self._need_queue()
-        if not await queue.retry(job_id):
-            raise NotFound("no such job", {"id": job_id})
-        return self._json(request, 200, {"id": job_id, "status": "pending"})
+        job = await queue.retry(job_id)
+        return self._json(request, 200, {"job": describe(job)})
 
     def _need_queue(self) -> Any:
         if self._queue is None:

@@ -62,55 +62,50 @@ def cmd_validate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _job_store(args: argparse.Namespace) -> Any:
-    from gomail.delivery.jobs import JobStore
-
-    config = load(_config_path(args), os.environ, {})
-    return JobStore(os.path.join(config.data_dir, "jobs"))
-
-
 def cmd_queue(args: argparse.Namespace, rest: list[str]) -> int:
     """Inspect and replay delivery jobs; safe while the daemon runs."""
     from gomail.delivery import admin
+    from gomail.errors import GomailError
 
     try:
-        store = _job_store(args)
+        config = load(_config_path(args), os.environ, {})
     except ConfigError as e:
         for p, m in e.errors:
             print(f"  {p}: {m}", file=sys.stderr)
         return 1
-    if args.action == "list":
-        jobs = admin.list_jobs(store, state=args.state, route=args.route)
-        if args.json:
-            print(json.dumps(jobs, indent=2))
-        else:
-            for job in jobs:
-                print(f"{job['id']}  {job['state']:<9} {job['route']:<16} attempts={job['attempts']} last={job.get('last_status')}")
-            print(f"{len(jobs)} job(s)")
-        return 0
-    if args.action == "retry":
-        if args.dead:
-            since = _parse_since(args.since) if args.since else None
-            count = admin.retry_dead(store, route=args.route, since=since)
-            print(f"{count} dead job(s) queued for retry")
+    store = admin.open_store(config.data_dir)
+    try:
+        if args.action == "list":
+            jobs = [admin.describe(job) for job in admin.list_jobs(store, state=args.state, route=args.route)]
+            if args.json:
+                print(json.dumps(jobs, indent=2))
+            else:
+                for job in jobs:
+                    print(f"{job['id']}  {job['state']:<8} {job['route']:<16} attempts={job['attempts']} next={job['next_due']} last={job.get('last_status')}")
+                print(f"{len(jobs)} job(s)")
             return 0
-        if not args.id:
-            print("give a job id or --dead", file=sys.stderr)
-            return 2
-        if not admin.retry(store, args.id):
-            print(f"no such job: {args.id}", file=sys.stderr)
-            return 1
-        print(f"{args.id} queued for retry")
-        return 0
-    if args.action == "purge":
-        if not args.id:
-            print("give a job id", file=sys.stderr)
-            return 2
-        if not admin.purge(store, args.id):
-            print(f"no such job: {args.id}", file=sys.stderr)
-            return 1
-        print(f"{args.id} purged")
-        return 0
+        if args.action == "retry":
+            if args.dead:
+                since = _parse_since(args.since) if args.since else None
+                retried = admin.retry_dead(store, route=args.route, since=since)
+                print(f"{len(retried)} dead job(s) queued for retry")
+                return 0
+            if not args.id:
+                print("give a job id or --dead", file=sys.stderr)
+                return 2
+            admin.retry(store, args.id)
+            print(f"{args.id} queued for retry")
+            return 0
+        if args.action == "purge":
+            if not args.id:
+                print("give a job id", file=sys.stderr)
+                return 2
+            admin.purge(store, args.id)
+            print(f"{args.id} purged")
+            return 0
+    except GomailError as e:
+        print(f"{e.category}: {e.message} {json.dumps(e.details) if e.details else ''}".rstrip(), file=sys.stderr)
+        return 1
     return 2  # pragma: no cover
 
 
@@ -152,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     queue.add_argument("action", choices=("list", "retry", "purge"))
     queue.add_argument("id", nargs="?")
     queue.add_argument("--config", "-c")
-    queue.add_argument("--state", choices=("pending", "dead", "paused", "delivered"))
+    queue.add_argument("--state", choices=("pending", "dead"))
     queue.add_argument("--route")
     queue.add_argument("--dead", action="store_true", help="retry: every dead job")
     queue.add_argument("--since", help="retry --dead: only jobs dead since (unix time, ISO time, or 2h ago)")

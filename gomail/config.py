@@ -158,7 +158,8 @@ SPEC: dict[str, Any] = {
     "data_dir": _str("./var/gomail", "The spool folder (created if missing)."),
     "domains": _list(["localhost"], "Recipient domains accepted at all (no relaying for anything else).", domain_name),
     "shutdown_timeout": _dur(30.0, "Longest graceful drain on SIGTERM/SIGINT before connections are cut."),
-    "io_threads": _int(4, "Threads for file I/O and parsing (the reactor thread never blocks).", 1),
+    "io_threads": _int(4, "Threads for file I/O (the reactor thread never blocks).", 1),
+    "parser_processes": _int(None, "Processes that parse messages after acceptance (default: CPUs - 1, at least 1; 0 = parse in threads)."),
     "http": {
         "listen": Key(endpoint, "tcp:3000:interface=127.0.0.1", "HTTP API endpoint (Twisted endpoint string).", {"type": "string"}),
         "bearer_token": _str(None, "Bearer token for the API; generated into data_dir/http-token on first start when unset.", secret=True),
@@ -277,6 +278,7 @@ class Config:
     domains: tuple[str, ...]
     shutdown_timeout: float
     io_threads: int
+    parser_processes: int | None
     http: HTTPConfig
     smtp: SMTPConfig
     rate_limit: RateLimitRules
@@ -598,6 +600,7 @@ def _build(c: dict[str, Any], warnings: tuple[str, ...]) -> Config:
         domains=tuple(c["domains"]),
         shutdown_timeout=c["shutdown_timeout"],
         io_threads=c["io_threads"],
+        parser_processes=c["parser_processes"],
         http=HTTPConfig(h["listen"], h.get("bearer_token"), h["allow_weak_token"], h["max_body_size"], h["metrics"], h["request_timeout"]),
         smtp=SMTPConfig(s["enabled"], s["listen"], smtp),
         rate_limit=rules,

@@ -39,7 +39,7 @@ from gomail.delivery.router import Router
 from gomail.delivery.service import DeliveryService
 from gomail.limiter import LimiterService
 from gomail.metrics import GomailMetrics
-from gomail.processor import MessageProcessor
+from gomail.processor import MessageProcessor, parser_processes
 from gomail.smtp.factory import SMTPFactory
 from gomail.spool import Spool
 
@@ -60,6 +60,24 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+class ExecutorService(Service):
+    """Owns a concurrent.futures executor (the parser processes)."""
+
+    def __init__(self, name: str, factory: Any) -> None:
+        self.name = name
+        self._factory = factory
+        self.executor: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.executor = self._factory()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+
 class GomailService(MultiService):
     """The root service with an explicit start and stop order."""
 
@@ -78,6 +96,7 @@ class GomailService(MultiService):
         self.processor: MessageProcessor
         self.listeners: list[IService] = []
         self.pools: list[ThreadPoolService] = []
+        self.parsers: ExecutorService | None = None
         self.shutdown_summary: dict[str, Any] = {}
 
     # MultiService starts children in insertion order, which is ours; the
@@ -86,11 +105,14 @@ class GomailService(MultiService):
         Service.startService(self)
         for pool in self.pools:
             pool.startService()
+        if self.parsers is not None:
+            self.parsers.startService()
+            self.processor.set_parser(self.parsers.executor)
         self.spool.startService()
         self.limiter.startService()
         if self.delivery is not None:
             self.delivery.startService()
-        self.processor.resume(self.spool.recovered_pending)
+        self.processor.resume(self.spool.recovered)
         for listener in self.listeners:
             if not listener.running:
                 listener.startService()
@@ -139,6 +161,8 @@ class GomailService(MultiService):
             await deferLater(clock, 0.05, lambda: None)
         await _maybe(self.spool.stopService())
         self.limiter.stopService()
+        if self.parsers is not None:
+            self.parsers.stopService()
         for pool in reversed(self.pools):
             pool.stopService()
         self.shutdown_summary = {
@@ -188,7 +212,7 @@ def build_service(
     work_pool = ThreadPoolService("gomail-work", 1, config.io_threads)
     root.pools = [spool_pool, work_pool]
 
-    root.spool = Spool(os.path.join(config.data_dir), reactor, spool_pool.pool, metrics, max_header_bytes=config.smtp.settings.max_header_bytes)
+    root.spool = Spool(config.data_dir, reactor, spool_pool.pool, metrics)
     root.limiter = LimiterService(config.rate_limit, reactor, metrics)
     router = Router(config.domains, config.routes)
     root.router = router  # type: ignore[attr-defined]
@@ -219,6 +243,8 @@ def build_service(
         )
 
     root.processor = MessageProcessor(root.spool, reactor, work_pool.pool, root.delivery)
+    if config.parser_processes != 0:
+        root.parsers = ExecutorService("gomail-parsers", lambda: parser_processes(config.parser_processes or None))
     root.spool.on_stored = root.processor.message_stored
 
     root.api = HTTPApi(

@@ -103,6 +103,11 @@ def makeService(options: Options) -> IService:
 
     from gomail.service import build_service
 
+    import sys
+
+    # The reactor thread shares the GIL with the I/O threads; a short switch
+    # interval keeps a busy worker thread from stalling it for 5 ms at a time.
+    sys.setswitchinterval(0.0005)
     config = load_from_options(options)
     for warning in config.warnings:
         _log.warn("config: {warning}", warning=warning)

@@ -48,31 +48,41 @@ class SpoolTestBase(SynchronousTestCase):
 
 
 class StoreTests(SpoolTestBase):
-    def test_store_writes_raw_record_and_pending_marker(self) -> None:
-        """A stored message has its exact bytes, a JSON record and a pending marker on disk."""
+    def test_store_is_durable_in_the_journal_and_hands_the_record_on(self) -> None:
+        """A stored message is in the journal at ack time; the processor gets its record and bytes."""
         spool = self.make_spool()
         stored = self.successResultOf(spool.store(ENVELOPE, RAW))
         self.assertTrue(is_valid_id(stored.id))
         self.assertEqual(stored.size, len(RAW))
         self.assertEqual(stored.received_at, "2026-09-21T14:13:20.000Z")
-        folder = os.path.join(self.dir, "messages", "2026", "09", "21")
-        with open(os.path.join(folder, f"{stored.id}.eml"), "rb") as f:
-            self.assertEqual(f.read(), RAW)
-        with open(os.path.join(folder, f"{stored.id}.json"), "rb") as f:
-            record = json.loads(f.read())
+        ((record, raw),) = self.stored
+        self.assertEqual(raw, RAW)
         self.assertEqual(record["id"], stored.id)
         self.assertEqual(record["sender"], "alice@example.org")
         self.assertEqual(record["recipient"], "bob@example.com")
-        self.assertEqual(record["subject"], "Hello")
-        self.assertEqual(record["message_id"], "<m1@example.org>")
         self.assertEqual(
             record["connection"],
             {"client_address": "203.0.113.5", "client_hostname": None, "client_helo": "mx.example.org", "client_port": 4321},
         )
         self.assertEqual(record["envelope"]["rcpt_to"], ["bob@example.com", "carol@example.com"])
         self.assertEqual(record["delivery"], {"state": "accepted"})
-        self.assertTrue(os.path.exists(os.path.join(self.dir, "pending", stored.id)))
-        self.assertEqual(self.stored, [(stored.id, RAW)])
+        (segment,) = os.listdir(spool.layout.journal)
+        entries = list(_read_journal(os.path.join(spool.layout.journal, segment)))
+        self.assertEqual(entries, [(record, RAW)])
+        self.assertEqual(spool.unprocessed, 1)
+
+    def test_write_files_puts_raw_and_record_in_the_dated_folder(self) -> None:
+        """write_files lays out messages/YYYY/MM/DD/<id>.eml and .json."""
+        spool = self.make_spool()
+        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
+        ((record, raw),) = self.stored
+        spool.write_files({**record, "delivery": {"state": "stored"}}, raw)
+        spool.mark_done(stored.id)
+        folder = os.path.join(self.dir, "messages", "2026", "09", "21")
+        with open(os.path.join(folder, f"{stored.id}.eml"), "rb") as f:
+            self.assertEqual(f.read(), RAW)
+        self.assertEqual(spool.read_record(stored.id)["delivery"], {"state": "stored"})
+        self.assertEqual(spool.unprocessed, 0)
 
     def test_ids_sort_by_time_and_are_unique(self) -> None:
         """Ids made in one millisecond and later still sort in order and differ."""
@@ -84,16 +94,12 @@ class StoreTests(SpoolTestBase):
         self.assertEqual(len(set(ids)), 4)
 
     def test_ack_waits_for_the_journal_sync(self) -> None:
-        """The commit Deferred fires only after the committer ran; the journal holds the message."""
+        """The commit Deferred fires only after the committer ran."""
         spool = self.make_spool(auto=False)
         d = spool.store(ENVELOPE, RAW)
         self.assertNoResult(d)
         self.pool.run_one()
-        stored = self.successResultOf(d)
-        segments = os.listdir(os.path.join(self.dir, "journal"))
-        self.assertEqual(len(segments), 1)
-        entries = list(_read_journal(os.path.join(self.dir, "journal", segments[0])))
-        self.assertEqual([(r["id"], raw) for r, raw in entries], [(stored.id, RAW)])
+        self.successResultOf(d)
 
     def test_group_commit_batches_messages_that_arrive_during_a_sync(self) -> None:
         """Messages committed while a batch runs share the next single batch."""
@@ -109,7 +115,7 @@ class StoreTests(SpoolTestBase):
         self.pool.run_one()
         for d in later:
             self.successResultOf(d)
-        samples = {s.labels.get("le"): s.value for s in self.metrics.registry.collect() for s in s.samples if s.name == "gomail_spool_commit_batch_size_bucket"}
+        samples = {s.labels.get("le"): s.value for m in self.metrics.registry.collect() for s in m.samples if s.name == "gomail_spool_commit_batch_size_bucket"}
         self.assertEqual(samples["1.0"], 1)
         self.assertEqual(samples["4.0"], 2)
 
@@ -119,10 +125,20 @@ class StoreTests(SpoolTestBase):
         self._stop(spool)
         self.assertRaises(Unavailable, spool.begin)
 
+    def test_backlog_of_unprocessed_messages_applies_back_pressure(self) -> None:
+        """Past max_unprocessed, new messages are refused as unavailable until some are processed."""
+        spool = self.make_spool(max_unprocessed=2)
+        first = self.successResultOf(spool.store(ENVELOPE, RAW))
+        self.successResultOf(spool.store(ENVELOPE, RAW))
+        error = self.assertRaises(Unavailable, spool.begin)
+        self.assertEqual(error.retry_after, 30)
+        spool.mark_done(first.id)
+        spool.begin().abort()
+
 
 class LargeMessageTests(SpoolTestBase):
     def test_large_message_streams_to_tmp_and_lands_intact(self) -> None:
-        """Past the spill threshold the bytes go to tmp/ and the final file is exact."""
+        """Past the spill threshold the bytes go to tmp/ and the final file is exact at ack time."""
         spool = self.make_spool(spill_threshold=64)
         writer = spool.begin()
         chunks = [RAW] + [bytes([48 + i % 10]) * 50 + b"\r\n" for i in range(20)]
@@ -133,7 +149,7 @@ class LargeMessageTests(SpoolTestBase):
         with open(spool.layout.raw_path(stored.id), "rb") as f:
             self.assertEqual(f.read(), b"".join(chunks))
         self.assertEqual(os.listdir(spool.layout.tmp), [])
-        self.assertEqual(self.stored, [(stored.id, None)])
+        self.assertEqual([(r["id"], raw) for r, raw in self.stored], [(stored.id, None)])
 
     def test_backpressure_deferred_fires_when_disk_catches_up(self) -> None:
         """write() asks the caller to pause past max_backlog and resumes it later."""
@@ -158,10 +174,10 @@ class LargeMessageTests(SpoolTestBase):
 
 class FailureTests(SpoolTestBase):
     def test_disk_full_is_a_storage_error_and_leaves_nothing(self) -> None:
-        """ENOSPC on the journal gives StorageFailed and no message files."""
+        """ENOSPC on the journal gives StorageFailed, nothing handed on, /ready false."""
         spool = self.make_spool()
 
-        def full(items: object) -> None:
+        def full(items: object) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         spool._append_journal = full  # type: ignore[method-assign]
@@ -170,7 +186,7 @@ class FailureTests(SpoolTestBase):
         self.assertEqual(failure.value.category, "storage")
         self.assertEqual(failure.value.status, 507)
         self.assertEqual(os.listdir(spool.layout.messages), [])
-        self.assertEqual(os.listdir(spool.layout.pending), [])
+        self.assertEqual(self.stored, [])
         self.assertFalse(spool.is_writable())
 
     def test_journal_write_error_truncates_the_partial_entry(self) -> None:
@@ -187,34 +203,50 @@ class FailureTests(SpoolTestBase):
 
 
 class RecoveryTests(SpoolTestBase):
-    def test_journal_replay_restores_files_lost_in_a_crash(self) -> None:
-        """Messages acknowledged but not yet written out are rebuilt from the journal at start."""
+    def test_unprocessed_messages_are_replayed_after_a_crash(self) -> None:
+        """Messages acknowledged but not processed come back from the journal, raw file rebuilt."""
         spool = self.make_spool()
-
-        def crash(item: object) -> None:
-            raise OSError(errno.EIO, "simulated crash before the files were written")
-
-        spool._materialise = crash  # type: ignore[method-assign]
         stored = self.successResultOf(spool.store(ENVELOPE, RAW))
-        self.assertFalse(os.path.exists(spool.layout.raw_path(stored.id)))
         spool.running = False  # the process died: no orderly stop
         again = self.make_spool()
         with open(again.layout.raw_path(stored.id), "rb") as f:
             self.assertEqual(f.read(), RAW)
-        self.assertEqual(again.recovered_pending, [stored.id])
-        self.assertEqual(os.listdir(again.layout.journal), ["000000000002.log"])
+        self.assertEqual([(r["id"], raw) for r, raw in again.recovered], [(stored.id, None)])
+        self.assertEqual(again.unprocessed, 1)
+
+    def test_processed_messages_are_not_replayed(self) -> None:
+        """A message whose record was written as processed is skipped at replay."""
+        spool = self.make_spool()
+        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
+        ((record, raw),) = self.stored
+        spool.write_files({**record, "delivery": {"state": "queued"}}, raw)
+        spool.running = False
+        again = self.make_spool()
+        self.assertEqual(again.recovered, [])
+        self.assertEqual(again.read_record(stored.id)["id"], stored.id)
 
     def test_incomplete_journal_tail_is_dropped(self) -> None:
         """A half-written last entry (never acknowledged) is ignored, earlier ones kept."""
         spool = self.make_spool()
-        spool._materialise = lambda item: None  # type: ignore[method-assign,assignment,return-value]
         stored = self.successResultOf(spool.store(ENVELOPE, RAW))
         segment = os.path.join(spool.layout.journal, os.listdir(spool.layout.journal)[0])
         with open(segment, "ab") as f:
             f.write(b"GMJ1\x00\x00\x01\x00garbage")
         spool.running = False
         again = self.make_spool()
-        self.assertEqual(again.recovered_pending, [stored.id])
+        self.assertEqual([r["id"] for r, _ in again.recovered], [stored.id])
+
+    def test_corrupt_entry_stops_the_replay_of_its_segment(self) -> None:
+        """An entry whose checksum does not match is not trusted."""
+        spool = self.make_spool()
+        self.successResultOf(spool.store(ENVELOPE, RAW))
+        segment = os.path.join(spool.layout.journal, os.listdir(spool.layout.journal)[0])
+        with open(segment, "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"XYZ")
+        spool.running = False
+        again = self.make_spool()
+        self.assertEqual(again.recovered, [])
 
     def test_temp_leftovers_are_removed_at_start(self) -> None:
         """Files left in tmp/ by a crash are removed at start-up."""
@@ -225,21 +257,15 @@ class RecoveryTests(SpoolTestBase):
         again = self.make_spool()
         self.assertEqual(os.listdir(again.layout.tmp), [])
 
-    def test_checkpoint_empties_the_journal_and_clears_handed_markers(self) -> None:
-        """After a checkpoint the journal is gone and handed messages are no longer pending."""
+    def test_checkpoint_drops_segments_once_their_messages_are_processed(self) -> None:
+        """The journal segment goes only after every message in it is processed."""
         spool = self.make_spool()
-        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
-        spool.mark_handed(stored.id)
+        a = self.successResultOf(spool.store(ENVELOPE, RAW))
+        b = self.successResultOf(spool.store(ENVELOPE, RAW))
+        first_segment = sorted(os.listdir(spool.layout.journal))[0]
+        spool.mark_done(a.id)
         self.reactor.advance(2.0)
-        self.assertEqual(os.listdir(spool.layout.pending), [])
-        for name in os.listdir(spool.layout.journal):
-            self.assertEqual(os.path.getsize(os.path.join(spool.layout.journal, name)), 0)
-
-    def test_record_still_accepted_gets_its_pending_marker_back(self) -> None:
-        """A crash between the record and its marker still leaves the message pending."""
-        spool = self.make_spool()
-        stored = self.successResultOf(spool.store(ENVELOPE, RAW))
-        os.unlink(spool.layout.pending_path(stored.id))
-        spool.running = False
-        again = self.make_spool()
-        self.assertEqual(again.recovered_pending, [stored.id])
+        self.assertIn(first_segment, os.listdir(spool.layout.journal))
+        spool.mark_done(b.id)
+        self.reactor.advance(2.0)
+        self.assertNotIn(first_segment, os.listdir(spool.layout.journal))
