@@ -219,6 +219,7 @@ class _BoundedMessage(EmailMessage):
         super().__init__(policy=policy)
         self.gomail_depth = 0
         self.gomail_budget = budget
+        self.gomail_incomplete = False
         self._gomail_parsed: dict[str, Any] = {}
 
     def set_raw(self, name: str, value: str) -> None:
@@ -242,6 +243,7 @@ class _BoundedMessage(EmailMessage):
                 budget.note("mime header budget exceeded")
                 if self.gomail_depth == 0:
                     return
+                self.gomail_incomplete = True
                 raise _BudgetExhausted()
         self._gomail_parsed.clear()
         super().set_raw(name, value)
@@ -777,6 +779,8 @@ def _walk(msg: Message, defects: _Defects, budget: _Budget, inline_attachment_li
     walked = 0
     while stack:
         part, depth = stack.pop()
+        if getattr(part, "gomail_incomplete", False):
+            continue  # the parse stopped inside this part's headers
         walked += 1
         if walked > budget.max_parts:
             budget.note("max_parts exceeded")
