@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-cov>=5", "hypothesis>=6.100", "standardwebhooks>=1.0"],
-        "dev": ["ruff>=0.6", "mypy>=1.10", "pytest>=8", "pytest-cov>=5", "hypothesis>=6.100", "standardwebhooks>=1.0"],
+        "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0", "pytest>=8", "pytest-cov>=5", "hypothesis>=6.100", "standardwebhooks>=1.0"],
     },
     entry_points={"console_scripts": ["gomail = gomail.cli:main"]},
 )

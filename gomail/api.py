@@ -15,8 +15,8 @@ import json
 import re
 import uuid
 import weakref
-from email.utils import getaddresses
 from collections.abc import Callable
+from email.utils import getaddresses
 from typing import Any
 
 from klein import Klein
@@ -25,7 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
-from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
 
 import gomail
 from gomail.errors import (
@@ -62,8 +63,11 @@ class BoundedRequest(Request):
     started: float = 0.0
     _kept = 0
 
+    content: Any
+
     def gotLength(self, length: int | None) -> None:
-        self._limit = getattr(self.channel.site, "max_body_size", 26214400) if self.channel else 26214400
+        site = getattr(self.channel, "site", None)
+        self._limit = getattr(site, "max_body_size", 26214400)
         self.content = io.BytesIO()
         if length is not None and length > self._limit:
             self.body_too_large = True
@@ -233,6 +237,7 @@ class HTTPApi:
 
         peer = request.getClientAddress()
         address = getattr(peer, "host", str(peer))
+        assert self._limiter is not None
         client = self._limiter.real_client(address, _header(request, b"x-forwarded-for"))
         decision = self._limiter.check_http(client)
         for name, value in rate_limit_headers(decision, self._clock.seconds()).items():

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 import gomail
 from gomail.config import ConfigError, json_schema, load

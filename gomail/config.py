@@ -503,13 +503,13 @@ def validate(data: dict[str, Any], warnings: list[str] | None = None) -> Config:
 def _semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
     """Checks beyond types; run on raw data too, so one run reports all."""
     errors: list[tuple[str, str]] = []
-    http = data.get("http") if isinstance(data.get("http"), dict) else {}
+    http: dict[str, Any] = data["http"] if isinstance(data.get("http"), dict) else {}
     token = http.get("bearer_token")
     if isinstance(token, str) and http.get("allow_weak_token") is not True:
         reason = weak_token_reason(token)
         if reason:
             errors.append(("http.bearer_token", f"the token is weak: {reason} (set http.allow_weak_token: true to accept it)"))
-    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
+    routes: list[Any] = data["routes"] if isinstance(data.get("routes"), list) else []
     names = [r.get("name") for r in routes if isinstance(r, dict)]
     for i, r in enumerate(routes):
         if not isinstance(r, dict):

@@ -876,9 +876,29 @@ def _payload_bytes(part: Message, defects: _Defects) -> bytes:
             return out.getvalue()
         data = part.get_payload(decode=True)
     except Exception as exc:  # the body is lost, the rest is not
-        defects.add(f"payload error: {type(exc).__name__}")
+        if not _has_no_payload(part):
+            defects.add(f"payload error: {type(exc).__name__}")
         return b""
     return data if isinstance(data, bytes) else b""
+
+
+def _has_no_payload(part: Message) -> bool:
+    """Tell whether a part has no body at all.
+
+    ``get_payload(decode=True)`` raises ``UnboundLocalError`` for a part with
+    no body and a base64 or quoted-printable encoding (an empty
+    ``message/delivery-status``, say); that is not worth a defect.
+
+    Args:
+        part: A non-multipart part.
+
+    Returns:
+        True if the part's payload is ``None``.
+    """
+    try:
+        return part.get_payload() is None
+    except Exception:  # the payload exists but cannot even be read
+        return False
 
 
 def _decode_text(data: bytes, charset: str | None, defects: _Defects) -> str:

@@ -48,7 +48,7 @@ class ThreadPoolService(Service):
     """Starts and stops a dedicated, bounded thread pool with the tree."""
 
     def __init__(self, name: str, minthreads: int, maxthreads: int) -> None:
-        self.name = name
+        self.name = name  # type: ignore[assignment]
         self.pool = ThreadPool(minthreads, maxthreads, name=name)
 
     def startService(self) -> None:
@@ -64,7 +64,7 @@ class ExecutorService(Service):
     """Owns a concurrent.futures executor (the parser processes)."""
 
     def __init__(self, name: str, factory: Any) -> None:
-        self.name = name
+        self.name = name  # type: ignore[assignment]
         self._factory = factory
         self.executor: Any = None
 
@@ -124,6 +124,22 @@ class GomailService(MultiService):
             domains=", ".join(self.config.domains),
             routes=len(self.config.routes),
         )
+
+    def reload(self, config: Config) -> None:
+        """Apply what can change without a restart (SIGHUP): the rate limits.
+
+        Other settings keep their running values until the next start; the
+        log says which differ.
+        """
+        self.limiter.reload(config.rate_limit)
+        unchanged = [
+            name
+            for name in ("hostname", "data_dir", "domains", "http", "smtp", "routes", "delivery", "logging")
+            if getattr(config, name) != getattr(self.config, name)
+        ]
+        self._log.info("configuration reloaded: rate limits applied")
+        if unchanged:
+            self._log.warn("these settings changed but need a restart: {names}", names=", ".join(unchanged))
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -258,6 +274,7 @@ def build_service(
         serve_metrics=config.http.metrics,
     )
     root.site = APISite(root.api.resource(), config.http.max_body_size, metrics, reactor)
+    root.site.timeout = config.http.request_timeout  # type: ignore[attr-defined]
     http_listener = strports.service(config.http.listen, root.site, reactor=reactor)
     http_listener.setName("http")
     root.listeners.append(http_listener)

@@ -330,7 +330,7 @@ class Spool(Service):
             (SMTP 421 4.3.2 / HTTP 503), so memory stays bounded.
     """
 
-    name = "spool"
+    name: str = "spool"  # type: ignore[assignment]
     _log = Logger()
 
     def __init__(
@@ -403,7 +403,7 @@ class Spool(Service):
 
     def is_writable(self) -> bool:
         """Whether the spool takes messages now (for ``/ready``)."""
-        return self.running and self._last_error is None and self._has_space() and os.access(self.layout.root, os.W_OK)
+        return bool(self.running) and self._last_error is None and self._has_space() and os.access(self.layout.root, os.W_OK)
 
     @property
     def unprocessed(self) -> int:

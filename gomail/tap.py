@@ -99,11 +99,11 @@ def ensure_token(config: Config) -> tuple[str, str | None]:
 
 def makeService(options: Options) -> IService:
     """Build the daemon's service tree with the global reactor."""
+    import sys
+
     from twisted.internet import reactor
 
     from gomail.service import build_service
-
-    import sys
 
     # The reactor thread shares the GIL with the I/O threads; a short switch
     # interval keeps a busy worker thread from stalling it for 5 ms at a time.
@@ -125,7 +125,24 @@ def makeService(options: Options) -> IService:
     # the signal (143).  A completed graceful drain is a clean exit for
     # gomail: exit 0, as systemd units and supervisors expect.
     reactor.addSystemEventTrigger("after", "shutdown", _exit_cleanly, reactor)
+    _reload_on_sighup(reactor, service, options)
     return service
+
+
+def _reload_on_sighup(reactor: Any, service: Any, options: Options) -> None:
+    """SIGHUP re-reads the configuration and applies the rate limits."""
+    import signal
+
+    def reload() -> None:
+        try:
+            config = load_from_options(options)
+        except usage.UsageError as e:
+            _log.error("configuration not reloaded: {error}", error=str(e))
+            return
+        service.reload(config)
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
 
 
 def _exit_cleanly(reactor: Any) -> None:

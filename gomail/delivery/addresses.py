@@ -150,7 +150,7 @@ class _FilteringResolver:
     def __init__(self, resolver: IHostnameResolver) -> None:
         self._resolver = resolver
 
-    def resolveHostName(
+    def resolveHostName(  # type: ignore[override]
         self,
         resolutionReceiver: IResolutionReceiver,
         hostName: str,

@@ -137,7 +137,7 @@ class _CappedBody(Protocol):
 
     def _cancel(self, d: Deferred[bytes]) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 def _describe(error: BaseException) -> str:

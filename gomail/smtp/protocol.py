@@ -138,7 +138,7 @@ class SMTPServerProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         """Admit or refuse the client, then greet it."""
-        peer = self.transport.getPeer()
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
         host = getattr(peer, "host", None)
         port = getattr(peer, "port", None)
         self._peer_host = host if isinstance(host, str) else None
@@ -247,7 +247,7 @@ class SMTPServerProtocol(LineReceiver):
         if abort is not None:
             abort()
         else:
-            self.transport.loseConnection()
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- input --------------------------------------------------------------
 
@@ -339,11 +339,11 @@ class SMTPServerProtocol(LineReceiver):
 
     def stopProducing(self) -> None:
         """Stop for good (IPushProducer)."""
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _pause(self, token: object) -> None:
         if not self._pauses and not self._closing and not self._closed:
-            self.transport.pauseProducing()
+            self.transport.pauseProducing()  # type: ignore[union-attr]
             if self._idle_call is not None and self._idle_call.active():
                 self._idle_call.cancel()
             self._idle_call = None
@@ -355,7 +355,7 @@ class SMTPServerProtocol(LineReceiver):
         self._pauses.discard(token)
         if self._pauses or self._closing or self._closed:
             return
-        self.transport.resumeProducing()
+        self.transport.resumeProducing()  # type: ignore[union-attr]
         self._arm_idle()
         self.dataReceived(b"")
 
@@ -412,7 +412,7 @@ class SMTPServerProtocol(LineReceiver):
         if self._closing or self._closed:
             return
         line = f"{code} {enhanced} {text}" if enhanced else f"{code} {text}"
-        self.transport.write(line.encode("utf-8") + b"\r\n")
+        self.transport.write(line.encode("utf-8") + b"\r\n")  # type: ignore[union-attr]
         self._count_reply(code)
 
     def _reply_lines(self, code: int, lines: list[str]) -> None:
@@ -421,7 +421,7 @@ class SMTPServerProtocol(LineReceiver):
             return
         last = len(lines) - 1
         out = [f"{code}{' ' if i == last else '-'}{text}\r\n" for i, text in enumerate(lines)]
-        self.transport.write("".join(out).encode("utf-8"))
+        self.transport.write("".join(out).encode("utf-8"))  # type: ignore[union-attr]
         self._count_reply(code)
 
     def _count_reply(self, code: int) -> None:
@@ -462,7 +462,7 @@ class SMTPServerProtocol(LineReceiver):
             self._result = result
         self._cancel_timers()
         self._discard_writer()
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _await(self, pending: Deferred[Any]) -> None:
         """Hold further input until ``pending`` (which sends its own reply) fires."""

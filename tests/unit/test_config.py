@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import voluptuous as vol
 from twisted.trial.unittest import SynchronousTestCase
 
 from gomail import cli, config
@@ -106,7 +107,9 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(route.timeout, 10.0)
         self.assertEqual(route.inline_attachments_max, 1048576)
         self.assertEqual(c.delivery.max_age, 259200.0)
-        with self.assertRaises(Exception):
+        from dataclasses import FrozenInstanceError
+
+        with self.assertRaises(FrozenInstanceError):
             route.name = "x"  # type: ignore[misc]
 
     def test_duplicate_route_names_are_refused(self) -> None:
@@ -132,7 +135,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.size("25MiB"), 26214400)
         self.assertEqual(config.size("512k"), 524288)
         for bad in ("soon", "-1", True):
-            self.assertRaises(Exception, config.duration, bad)
+            self.assertRaises(vol.Invalid, config.duration, bad)
 
 
 class ValidateCommandTests(SynchronousTestCase):
