@@ -66,8 +66,8 @@ def endpoint(value: Any) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise vol.Invalid("expected a Twisted endpoint string such as tcp:3000:interface=127.0.0.1")
     kind = value.split(":", 1)[0]
-    if kind not in ("tcp", "tcp6", "unix", "ssl", "systemd"):
-        raise vol.Invalid(f"unknown endpoint type {kind!r} (tcp, tcp6, unix, ssl, systemd)")
+    if kind not in ("tcp", "tcp6", "unix", "ssl", "systemd", "haproxy"):
+        raise vol.Invalid(f"unknown endpoint type {kind!r} (tcp, tcp6, unix, ssl, systemd, haproxy)")
     return value
 
 
