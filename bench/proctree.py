@@ -99,3 +99,32 @@ class TreeRSSSampler(threading.Thread):
         self._stop_event.set()
         self.join(2)
         return self.peak_root_kib, self.peak_tree_kib
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
+class OtherLoad:
+    """CPU used by processes *not* started by this benchmark during an interval
+    (other people's work on a shared machine), in average cores."""
+
+    def __init__(self) -> None:
+        self.busy = system_busy_seconds()
+        self.own = TreeCPU(os.getpid())
+        self.started = _monotonic()
+
+    def cores(self) -> float:
+        busy = system_busy_seconds() - self.busy
+        own = sum(TreeCPU(os.getpid()).since(self.own))
+        return max(0.0, busy - own) / max(1e-9, _monotonic() - self.started)
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.generator import BytesGenerator
@@ -251,6 +251,10 @@ class _BoundedMessage(EmailMessage):
     def get(self, name: str, failobj: Any = None) -> Any:
         """Return the first header called ``name``, parsing it at most once.
 
+        A header that makes the stdlib header parser raise is returned as
+        unstructured text (and noted), so one bad header cannot stop the parse;
+        the stdlib's ``get_param`` and friends then parse its text the legacy way.
+
         Args:
             name: The header name, any case.
             failobj: What to return if there is no such header.
@@ -261,8 +265,30 @@ class _BoundedMessage(EmailMessage):
         key = name.lower()
         found = self._gomail_parsed.get(key)
         if found is None:
-            found = self._gomail_parsed[key] = super().get(key, _ABSENT)
+            try:
+                found = super().get(key, _ABSENT)
+            except Exception:  # a header parser bug: fall back to plain text
+                self.gomail_budget.note(f"unparseable header: {key[:_MAX_NAME_IN_DEFECT]}")
+                found = self._unstructured_get(key)
+            self._gomail_parsed[key] = found
         return failobj if found is _ABSENT else found
+
+    def _unstructured_get(self, key: str) -> Any:
+        """Return the first header called ``key`` read as unstructured text.
+
+        Args:
+            key: A lower-case header name that is present.
+
+        Returns:
+            The header, or ``_ABSENT`` if even that fails.
+        """
+        for name, value in self.raw_items():
+            if name.lower() == key:
+                try:
+                    return _UnstructuredHeader(name, _unfold(value))
+                except Exception:  # nothing simpler to try
+                    return _ABSENT
+        return _ABSENT
 
     def attach(self, payload: Message | str) -> None:
         """Attach a child part, counting it against ``max_parts``.
@@ -819,9 +845,8 @@ def _leaf(part: Message, content_type: str, bodies: _Bodies, budget: _Budget, de
         defects: Where problems are recorded.
         inline_attachment_limit: See :func:`parse_message`.
     """
-    disposition = part.get_content_disposition()
-    filename = part.get_filename()
-    filename = _repair(filename) if filename else None
+    disposition = _attempt(part.get_content_disposition, "content-disposition", defects)
+    filename = _attempt(part.get_filename, "filename", defects)
     is_body = content_type in ("text/plain", "text/html") and disposition != "attachment" and filename is None
     if is_body and content_type == "text/html" and bodies.html is not None:
         is_body = False
@@ -835,13 +860,12 @@ def _leaf(part: Message, content_type: str, bodies: _Bodies, budget: _Budget, de
                 "size": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "content_id": (content_id.strip() or None) if content_id else None,
-                "disposition": _repair(disposition) if disposition else None,
+                "disposition": disposition,
                 "content": base64.b64encode(data).decode("ascii") if 0 < len(data) <= inline_attachment_limit else None,
             }
         )
         return
-    charset = part.get_content_charset()
-    charset = _repair(charset) if charset else None
+    charset = _attempt(part.get_content_charset, "charset", defects)
     text = _decode_text(data, charset, defects)
     if content_type == "text/html":
         bodies.html, bodies.html_charset = text, charset
@@ -849,6 +873,25 @@ def _leaf(part: Message, content_type: str, bodies: _Bodies, budget: _Budget, de
     if not bodies.texts:
         bodies.text_charset = charset
     bodies.texts.append(text)
+
+
+def _attempt(read: Callable[[], str | None], what: str, defects: _Defects) -> str | None:
+    """Read one parameter of a part, recording failure instead of raising.
+
+    Args:
+        read: A bound ``get_filename``-like method.
+        what: What it reads, for the defect string.
+        defects: Where problems are recorded.
+
+    Returns:
+        The value, or ``None`` if absent, empty or unreadable.
+    """
+    try:
+        value = read()
+    except Exception:  # e.g. an RFC 2231 charset holding a NUL
+        defects.add(f"unparseable {what}")
+        return None
+    return _repair(value) if isinstance(value, str) and value else None
 
 
 def _payload_bytes(part: Message, defects: _Defects) -> bytes:

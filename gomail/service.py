@@ -71,6 +71,8 @@ class ExecutorService(Service):
     def startService(self) -> None:
         super().startService()
         self.executor = self._factory()
+        # Start the worker processes now rather than on the first message.
+        self.executor.submit(int)
 
     def stopService(self) -> None:
         super().stopService()
