@@ -24,6 +24,7 @@ from twisted.web.server import Site
 records: dict[str, list[tuple[float, str, str, int]]] = {}
 connections: dict[str, set[int]] = {}
 body_bytes: dict[str, int] = {}
+# peak_open counts connections that carried a POST (not the /_stats polls).
 state = {"connections": 0, "open": 0, "peak_open": 0}
 
 
@@ -32,12 +33,12 @@ class Channel(HTTPChannel):
         super().connectionMade()
         self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
         state["connections"] += 1
-        state["open"] += 1
-        state["peak_open"] = max(state["peak_open"], state["open"])
         self.bench_number = state["connections"]
+        self.bench_posted = False
 
     def connectionLost(self, reason: object) -> None:
-        state["open"] -= 1
+        if self.bench_posted:
+            state["open"] -= 1
         super().connectionLost(reason)  # type: ignore[arg-type]
 
 
@@ -48,7 +49,12 @@ class Receiver(Resource):
         now = time.monotonic()
         size = len(request.content.read())
         path = request.path.decode("ascii", "replace")
-        conn = getattr(request.channel, "bench_number", 0)
+        channel = request.channel
+        conn = getattr(channel, "bench_number", 0)
+        if not getattr(channel, "bench_posted", True):
+            channel.bench_posted = True
+            state["open"] += 1
+            state["peak_open"] = max(state["peak_open"], state["open"])
         records.setdefault(path, []).append((now, request.getHeader("X-Gomail-Message-Id") or "", request.getHeader("X-Gomail-Attempt") or "", conn))
         connections.setdefault(path, set()).add(conn)
         body_bytes[path] = body_bytes.get(path, 0) + size

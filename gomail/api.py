@@ -67,6 +67,10 @@ class BoundedRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         site = getattr(self.channel, "site", None)
+        if isinstance(site, APISite):
+            # Counted from its headers on, so a shutdown drains an upload
+            # that is still sending its body.
+            site.request_started(self)
         self._limit = getattr(site, "max_body_size", 26214400)
         self.content = io.BytesIO()
         if length is not None and length > self._limit:
@@ -95,12 +99,19 @@ class APISite(Site):
         self.noisy = False
         self._channels: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    def getResourceFor(self, request: Any) -> Any:
+    def request_started(self, request: Any) -> None:
+        """Count a request in flight, once, from the moment its headers are in."""
+        if getattr(request, "_counted", False):
+            return
+        request._counted = True
         request.started = self._clock.seconds()
         self.in_flight += 1
         if self._metrics is not None:
             self._metrics.http_requests_in_flight.inc()
         request.notifyFinish().addBoth(self._finished, request)
+
+    def getResourceFor(self, request: Any) -> Any:
+        self.request_started(request)
         return super().getResourceFor(request)
 
     def _finished(self, _: object, request: BoundedRequest) -> None:
@@ -210,7 +221,16 @@ class HTTPApi:
         self._queue = queue
         self._started = clock.seconds()
         self._metrics_resource = MetricsResource(metrics.registry) if metrics is not None and serve_metrics else None
-        self.shutting_down = False
+        self._shutdown_at: float | None = None
+
+    @property
+    def shutting_down(self) -> bool:
+        """Whether a graceful shutdown has begun."""
+        return self._shutdown_at is not None
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self._shutdown_at = self._clock.seconds() if value else None
 
     def resource(self) -> Any:
         """The twisted.web resource serving this API."""
@@ -226,7 +246,8 @@ class HTTPApi:
         request.request_id = request_id
         request.setHeader(b"X-Request-ID", request_id.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
-        if self.shutting_down and not drain_exempt:
+        if self._shutdown_at is not None and not drain_exempt and getattr(request, "started", self._clock.seconds()) >= self._shutdown_at:
+            # Requests that began before the shutdown finish; later ones go elsewhere.
             raise Unavailable("gomail is shutting down; retry on another instance or later", retry_after=30)
         if limited and self._limiter is not None:
             self._rate_limit(request)

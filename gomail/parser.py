@@ -34,14 +34,12 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.generator import BytesGenerator
 from email.headerregistry import AddressHeader, BaseHeader, DateHeader, UnstructuredHeader
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import EmailPolicy
 from email.utils import getaddresses
 from functools import partial
-from io import BytesIO
 from typing import Any
 
 __all__ = ["parse_header_summary", "parse_message"]
@@ -148,8 +146,6 @@ class _LenientPolicy(EmailPolicy):
 
 
 _POLICY = _LenientPolicy()
-#: For re-serialising the header blocks of a ``message/delivery-status`` part.
-_SERIALISE_POLICY = _POLICY.clone(utf8=True, linesep="\r\n", refold_source="none")
 
 
 class _UnstructuredHeader(UnstructuredHeader, BaseHeader):
@@ -900,7 +896,7 @@ def _payload_bytes(part: Message, defects: _Defects) -> bytes:
     Bad base64 and quoted-printable are decoded as far as possible (the email
     package records the defects on the part).  The header blocks of a
     ``message/delivery-status`` part, which the stdlib always parses, are
-    serialised again.
+    written out again.
 
     Args:
         part: A non-multipart part.
@@ -911,18 +907,34 @@ def _payload_bytes(part: Message, defects: _Defects) -> bytes:
     """
     try:
         if part.is_multipart():
-            out = BytesIO()
-            generator = BytesGenerator(out, policy=_SERIALISE_POLICY)
-            for block in part.get_payload():
-                if isinstance(block, Message):
-                    generator.flatten(block)
-            return out.getvalue()
+            return _header_blocks(part)
         data = part.get_payload(decode=True)
     except Exception as exc:  # the body is lost, the rest is not
         if not _has_no_payload(part):
             defects.add(f"payload error: {type(exc).__name__}")
         return b""
     return data if isinstance(data, bytes) else b""
+
+
+def _header_blocks(part: Message) -> bytes:
+    """Write the header blocks of a ``message/delivery-status`` part back out.
+
+    Each block's headers are written as parsed (folding kept), each block
+    followed by a blank line.  Not run through ``email.generator``, which
+    cannot write the odd trees this module's parser builds for such parts.
+
+    Args:
+        part: A ``message/delivery-status`` part, parsed into blocks.
+
+    Returns:
+        The blocks as bytes with CRLF line ends.
+    """
+    lines: list[str] = []
+    for block in part.get_payload():
+        if isinstance(block, Message):
+            lines.extend(f"{name}: {value}\r\n" for name, value in block.raw_items())
+            lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 def _has_no_payload(part: Message) -> bool:

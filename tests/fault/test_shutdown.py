@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -140,7 +141,8 @@ def shutdown_summary(log: str) -> dict[str, int]:
     raise AssertionError("no 'shutdown complete' event in the log")
 
 
-def poll(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+def poll(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``predicate`` became true within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -214,7 +216,7 @@ class GracefulShutdownTests(SynchronousTestCase):
         else:
             self.assertEqual(json.loads(body)["error"]["category"], "unavailable")
 
-        for conn, (head, tail) in zip(sessions, halves):
+        for conn, (head, tail) in zip(sessions, halves, strict=True):
             conn.send(tail + b".\r\n")
             reply = conn.reply()
             match = QUEUED.match(reply)

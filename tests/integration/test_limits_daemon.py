@@ -61,7 +61,6 @@ class HTTPLimitTests(SynchronousTestCase):
         self.assertEqual((status, headers["x-ratelimit-remaining"]), (202, "8"))
 
 
-
 class SMTPConcurrencyTests(SynchronousTestCase):
     def test_third_simultaneous_session_gets_421_at_connect(self) -> None:
         """With smtp_concurrent_per_client 2, a third session from the same address gets 421 4.7.0 and is closed."""
