@@ -1,36 +1,41 @@
-"""After acceptance: parse a stored message, write its files, hand it on.
+"""After acceptance: parse stored messages, write their files, hand them on.
 
 This is the slow part that the reply to the sender never waits for: it runs
-after the spool's journal has the message, in the work thread pool, a
-bounded number at a time.  If the process dies in the middle, the journal
-still holds the message and the work is done again at the next start
-(delivery job creation is idempotent, so that repeats nothing but the
-parse).
+after the spool's journal has the message.  Messages are taken in batches:
+one hop to the work thread pool per batch parses every message of it (in
+parser processes, all at once) and writes its ``.eml`` and ``.json``; back
+on the reactor each is submitted to delivery and marked done.  Batching
+keeps the reactor's share of the work (thread hand-offs) small when mail
+arrives fast.  If the process dies in the middle, the journal still holds
+the messages and the work is done again at the next start (delivery job
+creation is idempotent, so that repeats nothing but the parse).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from gomail.parser import parse_message
 
+Item = tuple[dict[str, Any], bytes | None]
+
 
 class MessageProcessor:
     """Parses accepted messages, writes their files, submits them to delivery.
 
     Parsing is CPU-bound pure Python: run in threads it would hold the GIL
-    and stall the reactor (measured: HTTP ingestion fell to a tenth of its
-    rate).  So it runs in worker processes (``parser``, an Executor started
-    by the service tree); a thread of the work pool waits for each result.
-    Tests pass ``parser=None`` to parse in the thread itself.
+    and slow the reactor.  So it runs in worker processes (``parser``, an
+    Executor started by the service tree); the work thread waits for the
+    results.  Tests pass ``parser=None`` to parse in the thread itself.
 
     Args:
         spool: The spool (``write_files``, ``read_raw``, ``mark_done``).
@@ -38,7 +43,7 @@ class MessageProcessor:
         pool: The work thread pool.
         delivery: The delivery service (``submit(record)``), or None when no
             route is configured: messages are then only stored.
-        parallel: Messages processed at once.
+        batch_size: Most messages handled in one thread hop.
         parser: Where to run the parser (a process pool), or None.
     """
 
@@ -51,72 +56,120 @@ class MessageProcessor:
         pool: ThreadPool,
         delivery: Any | None = None,
         *,
-        parallel: int = 4,
+        batch_size: int = 64,
         parser: Executor | None = None,
     ) -> None:
         self._spool = spool
         self._reactor = reactor
         self._pool = pool
         self._delivery = delivery
-        self._gate = DeferredSemaphore(parallel)
+        self._batch_size = batch_size
         self._parser = parser
-        self._active: set[Deferred[None]] = set()
+        self._queue: deque[Item] = deque()
+        self._running: Deferred[None] | None = None
+        self._current = 0
         self.processed = 0
         self.failed = 0
-
-    def message_stored(self, record: dict[str, Any], raw: bytes | None) -> None:
-        """Spool callback: a message is durable; ``raw`` None means read the file."""
-        d = self._gate.run(lambda: Deferred.fromCoroutine(self._process(record, raw)))
-        self._active.add(d)
-        d.addErrback(self._failed, record.get("id"))
-        d.addBoth(lambda _: self._active.discard(d))
 
     def set_parser(self, parser: Executor | None) -> None:
         """Use ``parser`` (started by the service tree) from now on."""
         self._parser = parser
 
-    def resume(self, pending: list[tuple[dict[str, Any], bytes | None]]) -> None:
+    def message_stored(self, record: dict[str, Any], raw: bytes | None) -> None:
+        """Spool callback: a message is durable; ``raw`` None means read the file."""
+        self._queue.append((record, raw))
+        if self._running is None:
+            self._running = Deferred.fromCoroutine(self._drain())
+            self._running.addErrback(lambda f: self._log.failure("the processor stopped", f))
+
+    def resume(self, pending: list[Item]) -> None:
         """Process messages an earlier run accepted but did not finish."""
         for record, raw in pending:
             self.message_stored(record, raw)
 
-    def wait(self) -> Deferred[Any]:
-        """Fires when every message started so far is processed."""
-        return DeferredList(list(self._active), consumeErrors=True)
+    def wait(self) -> Deferred[None]:
+        """Fires when every message queued so far is processed."""
+        if self._running is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+
+        def done(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._running.addBoth(done)
+        return d
 
     @property
     def in_flight(self) -> int:
-        return len(self._active)
+        """Messages queued or being processed."""
+        return len(self._queue) + self._current
 
-    def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+                self._current = len(batch)
+                results = await deferToThreadPool(self._reactor, self._pool, self._prepare, batch)
+                for (record, _), result in zip(batch, results, strict=True):
+                    await self._hand_on(record.get("id"), result)
+                self._current = 0
+        finally:
+            self._current = 0
+            self._running = None
 
-    async def _process(self, record: dict[str, Any], raw: bytes | None) -> None:
-        message_id = record["id"]
-        record = dict(record)
-        message = record["message"] = await self._in_thread(self._parse, message_id, raw)
-        record["subject"] = message.get("subject")
-        record["message_id"] = message.get("message_id")
-        record["delivery"] = {"state": "queued" if self._delivery is not None else "stored"}
-        await self._in_thread(self._spool.write_files, record, raw)
-        if self._delivery is not None:
-            await self._delivery.submit(record)
-        self._spool.mark_done(message_id)
+    async def _hand_on(self, message_id: str | None, result: dict[str, Any] | BaseException) -> None:
+        if isinstance(result, BaseException):
+            self._failed(result, message_id)
+            return
+        try:
+            if self._delivery is not None:
+                await self._delivery.submit(result)
+        except Exception as e:  # noqa: BLE001 - logged; the journal keeps the message
+            self._failed(e, message_id)
+            return
+        self._spool.mark_done(result["id"])
         self.processed += 1
 
-    def _parse(self, message_id: str, raw: bytes | None) -> dict[str, Any]:
-        """Work thread: parse here, or wait for a parser process."""
-        if self._parser is None:
-            if raw is None:
-                raw = self._spool.read_raw(message_id)
-            return parse_message(raw)
-        if raw is None:
-            return self._parser.submit(parse_file, self._spool.layout.raw_path(message_id)).result()
-        return self._parser.submit(parse_message, raw).result()
+    def _prepare(self, batch: list[Item]) -> list[dict[str, Any] | BaseException]:
+        """Work thread: parse every message of the batch, then write its files."""
+        parsed: list[Future[dict[str, Any]] | dict[str, Any] | BaseException] = []
+        for record, raw in batch:
+            try:
+                parsed.append(self._start_parse(record["id"], raw))
+            except Exception as e:  # noqa: BLE001
+                parsed.append(e)
+        out: list[dict[str, Any] | BaseException] = []
+        for (record, raw), pending in zip(batch, parsed, strict=True):
+            try:
+                message = pending.result() if isinstance(pending, Future) else pending
+                if isinstance(message, BaseException):
+                    raise message
+                full = dict(record)
+                full["message"] = message
+                full["subject"] = message.get("subject")
+                full["message_id"] = message.get("message_id")
+                full["delivery"] = {"state": "queued" if self._delivery is not None else "stored"}
+                self._spool.write_files(full, raw)
+                out.append(full)
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+        return out
 
-    def _failed(self, failure: Any, message_id: str | None) -> None:
+    def _start_parse(self, message_id: str, raw: bytes | None) -> Future[dict[str, Any]] | dict[str, Any]:
+        if self._parser is None:
+            return parse_message(raw if raw is not None else self._spool.read_raw(message_id))
+        if raw is None:
+            return self._parser.submit(parse_file, self._spool.layout.raw_path(message_id))
+        return self._parser.submit(parse_message, raw)
+
+    def _failed(self, error: BaseException, message_id: str | None) -> None:
         self.failed += 1
-        self._log.failure("processing {msg_id} failed; the journal keeps it for the next start", failure, msg_id=message_id)
+        self._log.error(
+            "processing {msg_id} failed ({error!r}); the journal keeps it for the next start",
+            msg_id=message_id,
+            error=error,
+        )
 
 
 def parse_file(path: str) -> dict[str, Any]:

@@ -580,19 +580,21 @@ class Spool(Service):
     def write_files(self, record: dict[str, Any], raw: bytes | None) -> None:
         """Write a message's ``.eml`` (when given) and ``.json`` (blocking).
 
-        No temporary name and no fsync: the journal keeps the message until
-        a checkpoint has synced these files, and replays it if they are torn.
+        The journal keeps the message until a checkpoint has synced these
+        files, and replays it if they are torn.
         """
         message_id = record["id"]
         folder = self.layout.message_dir(message_id)
         if folder not in self._folders:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
-        # Written in place: until the checkpoint's sync, the journal (not
-        # these files) is what recovery trusts, and it rewrites a torn file.
+        # No fsync: until the checkpoint's sync, the journal (not these
+        # files) is what recovery trusts, and it rewrites a torn file.  The
+        # raw file is written first and in place; the record appears whole
+        # (rename), so a reader that finds the record finds both complete.
         if raw is not None:
             _write_file(self.layout.raw_path(message_id), raw)
-        _write_file(self.layout.record_path(message_id), json.dumps(record, separators=(",", ":")).encode("utf-8"))
+        _write_atomic(self.layout.record_path(message_id), json.dumps(record, separators=(",", ":")).encode("utf-8"))
 
     def mark_done(self, message_id: str) -> None:
         """Reactor thread: the message is processed (files written, handed on)."""
