@@ -13,7 +13,6 @@ import hmac
 import io
 import json
 import re
-import uuid
 import weakref
 from collections.abc import Callable
 from email.utils import getaddresses
@@ -41,6 +40,7 @@ from gomail.errors import (
     Unavailable,
     ValidationFailed,
 )
+from gomail.ids import request_id as new_request_id
 from gomail.interfaces import Envelope, IRecipientPolicy, ISpool
 from gomail.metrics import GomailMetrics, MetricsResource
 
@@ -242,7 +242,7 @@ class HTTPApi:
         """Request id, shutdown refusal and rate limit: first thing of every route."""
         request.route_label = route
         given = _header(request, b"x-request-id")
-        request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
         request.request_id = request_id
         request.setHeader(b"X-Request-ID", request_id.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")

@@ -10,6 +10,7 @@ which is how the spool finds a message's folder from its id alone.
 from __future__ import annotations
 
 import os
+import random
 import re
 from datetime import UTC, datetime
 
@@ -27,10 +28,15 @@ def _encode(value: int, length: int) -> str:
 
 
 class IdGenerator:
-    """Makes ids from a time source; monotonic within one generator."""
+    """Makes ids from a time source; monotonic within one generator.
 
-    def __init__(self, random_bytes: object = os.urandom) -> None:
-        self._random_bytes = random_bytes
+    The random part comes from a PRNG seeded from the OS once: ids must be
+    unique, not secret, and a system call per id is measurably slow here.
+    """
+
+    def __init__(self, random_bytes: object = None) -> None:
+        rng = random.Random(os.urandom(32))
+        self._random_bytes = random_bytes or rng.randbytes
         self._last_ms = -1
         self._last_random = 0
 
@@ -62,3 +68,11 @@ def id_time(message_id: str) -> datetime:
 def iso_utc(now: float) -> str:
     """ISO 8601 UTC with milliseconds and a ``Z``."""
     return datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+_request_ids = random.Random(os.urandom(32))
+
+
+def request_id() -> str:
+    """A random 32-hex-digit request id (not secret; unique in practice)."""
+    return f"{_request_ids.getrandbits(128):032x}"

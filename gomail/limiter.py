@@ -12,6 +12,7 @@ and refills lazily from ``(tokens, last)``: there is no timer per bucket.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import Counter, OrderedDict
@@ -258,6 +259,7 @@ def _parse_ip(address: str) -> _IPAddress | None:
     return _parse_ip_exact(text)
 
 
+@functools.lru_cache(maxsize=8192)  # pure, and asked for on every request
 def client_key(address: str, ipv6_prefix: int = 64) -> str:
     """The key under which a client is limited.
 
@@ -831,6 +833,7 @@ def _pass(check: _Check, now: float) -> Decision:
     )
 
 
+@functools.lru_cache(maxsize=8192)
 def _parse_ip_exact(address: str) -> _IPAddress | None:
     """A transport-reported address as an IP (IPv4-mapped as IPv4), else
     ``None``; unlike :func:`_parse_ip` no port or brackets are accepted."""
