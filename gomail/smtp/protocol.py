@@ -143,6 +143,9 @@ class SMTPServerProtocol(LineReceiver):
         port = getattr(peer, "port", None)
         self._peer_host = host if isinstance(host, str) else None
         self._peer_port = port if isinstance(port, int) else None
+        # The address the limiter counted this session under (connect and
+        # disconnect must agree even if the peer is re-read later).
+        self._limiter_host = self._peer_host or ""
         self._admitted = self.factory.session_opened(self)
         if self._metrics is not None:
             self._metrics.smtp_sessions_active.inc()
@@ -164,7 +167,7 @@ class SMTPServerProtocol(LineReceiver):
             self._greet()
             return
         try:
-            decision = limiter.smtp_connect(self._peer_host or "")
+            decision = limiter.smtp_connect(self._limiter_host)
             if not isinstance(decision, Deferred):
                 self._connect_decided(decision)
                 return
@@ -223,7 +226,7 @@ class SMTPServerProtocol(LineReceiver):
             self._metrics.smtp_sessions.labels(result=result).inc()
         if self._limiter_admitted and self.factory.limiter is not None:
             try:
-                self.factory.limiter.smtp_disconnect(self._peer_host or "")
+                self.factory.limiter.smtp_disconnect(self._limiter_host)
             except Exception:
                 self._log.failure("limiter.smtp_disconnect failed for session {session}", session=self.session_id)
         self._log.debug("SMTP session {session} ended: {result}", session=self.session_id, result=result)
@@ -561,7 +564,18 @@ class SMTPServerProtocol(LineReceiver):
             return False
         self._reset_transaction()
         self._helo = arg
+        self._refresh_peer()
         return True
+
+    def _refresh_peer(self) -> None:
+        """Read the client's address again: behind a PROXY-protocol endpoint
+        (``haproxy:``) the real client is known only once the proxy's header
+        has arrived, which is before the client's first command."""
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        if isinstance(host, str):
+            self._peer_host = host
+            self._peer_port = port if isinstance(port, int) else None
 
     def do_MAIL(self, arg: str) -> Deferred[Any] | None:
         """MAIL FROM: start a transaction, with SIZE, BODY and SMTPUTF8 parameters."""

@@ -9,7 +9,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.daemon import TOKEN, Daemon
+from tests.integration.daemon import TOKEN, Daemon, wait_until
 
 RAW = b"From: a@example.org\r\nTo: someone@example.com\r\nSubject: limits\r\n\r\nhello\r\n"
 INGEST_HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "message/rfc822", "X-Original-Recipient": "someone@example.com"}
@@ -34,12 +34,20 @@ class HTTPLimitTests(SynchronousTestCase):
         started = time.monotonic()
         answers = [self.post() for _ in range(71)]
         elapsed = time.monotonic() - started
-        self.assertLess(elapsed, 1.0, "too slow to be a burst: a token refills every second")
+        # One token refills every second (60 a minute): a slow machine may
+        # earn one more 202 per second the burst took.
+        refilled = int(elapsed)
         for _ in range(20):
             self.conn.request("GET", "/health")
             resp = self.conn.getresponse()
             self.assertEqual((resp.status, json.loads(resp.read())["status"]), (200, "ok"))
-        self.assertEqual([a[0] for a in answers], [202] * 10 + [429] * 61)
+        codes = [a[0] for a in answers]
+        self.assertEqual(codes[:11], [202] * 10 + [429])
+        self.assertEqual(set(codes), {202, 429})
+        self.assertLessEqual(codes.count(202), 10 + refilled)
+        if not refilled:
+            self.assertEqual(codes, [202] * 10 + [429] * 61)
+        answers = answers[:10] + [a for a in answers[10:] if a[0] == 429]
         for n, (_, headers, _) in enumerate(answers[:10]):
             self.assertEqual(headers["x-ratelimit-limit"], "10")
             self.assertEqual(headers["x-ratelimit-remaining"], str(9 - n))
@@ -104,3 +112,57 @@ def recv_line(s: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_sighup_applies_new_limits_without_a_restart(self) -> None:
+        """After the config's burst is raised and SIGHUP sent, the same process allows the larger burst."""
+        import signal
+
+        daemon = Daemon(self.mktemp(), config="rate_limit: {per_minute: 1, burst: 2}\n", limit_loopback=True)
+        self.addCleanup(daemon.kill)
+        daemon.start()
+        codes = [daemon.post_message(RAW)[0] for _ in range(3)]
+        self.assertEqual(codes, [202, 202, 429])
+        with open(daemon.config_path) as f:
+            text = f.read()
+        with open(daemon.config_path, "w") as f:
+            f.write(text.replace("rate_limit: {per_minute: 1, burst: 2}", "rate_limit: {per_minute: 600, burst: 50}"))
+        pid = daemon.proc.pid if daemon.proc else None
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in daemon.log(), timeout=10)
+        # The emptied bucket keeps its tokens; at the new rate (10 a second)
+        # it refills at once, where the old rate needed a minute a token.
+        status, headers, _ = wait_until(lambda: (r := daemon.request("POST", "/mail/inbound", RAW, INGEST_HEADERS))[0] == 202 and r, timeout=5)
+        self.assertEqual({k.lower(): v for k, v in headers.items()}["x-ratelimit-limit"], "50")
+        self.assertEqual(daemon.proc.pid if daemon.proc else None, pid)
+        self.assertEqual(daemon.stop(), 0)
+
+
+class ProxyProtocolTests(SynchronousTestCase):
+    def test_haproxy_endpoint_records_the_real_client(self) -> None:
+        """Behind a PROXY-protocol proxy (haproxy: endpoint) the record names the client the proxy reports."""
+        daemon = Daemon(self.mktemp())
+        with open(daemon.config_path) as f:
+            text = f.read()
+        with open(daemon.config_path, "w") as f:
+            f.write(text.replace(f"listen: 'tcp:{daemon.smtp_port}:", f"listen: 'haproxy:tcp:{daemon.smtp_port}:"))
+        self.addCleanup(daemon.kill)
+        daemon.start()
+        s = socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=10)
+        self.addCleanup(s.close)
+        s.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 25\r\n")
+        self.assertTrue(recv_line(s).startswith(b"220 "))
+        for command in (b"EHLO proxied.test", b"MAIL FROM:<a@example.org>", b"RCPT TO:<someone@example.com>", b"DATA"):
+            s.sendall(command + b"\r\n")
+            line = recv_line(s)
+            while line[3:4] == b"-":
+                line = recv_line(s)
+        self.assertTrue(line.startswith(b"354"), line)
+        s.sendall(RAW + b".\r\n")
+        reply = recv_line(s)
+        self.assertTrue(reply.startswith(b"250 2.0.0 Ok: queued as "), reply)
+        message_id = reply.split()[-1].decode()
+        record = wait_until(lambda: message_id in daemon.message_files() and daemon.read_record(message_id))
+        self.assertEqual(record["connection"]["client_address"], "198.51.100.7")
+        self.assertEqual(record["envelope"]["client"]["port"], 40000)
