@@ -920,7 +920,7 @@ def _header_blocks(part: Message) -> bytes:
     """Write the header blocks of a ``message/delivery-status`` part back out.
 
     Each block's headers are written as parsed (folding kept), each block
-    followed by a blank line.  Not run through ``email.generator``, which
+    followed by a blank line; empty blocks are left out.  Not run through ``email.generator``, which
     cannot write the odd trees this module's parser builds for such parts.
 
     Args:
@@ -931,8 +931,9 @@ def _header_blocks(part: Message) -> bytes:
     """
     lines: list[str] = []
     for block in part.get_payload():
-        if isinstance(block, Message):
-            lines.extend(f"{name}: {value}\r\n" for name, value in block.raw_items())
+        headers = list(block.raw_items()) if isinstance(block, Message) else []
+        if headers:  # an empty block is just a stray blank line
+            lines.extend(f"{name}: {value}\r\n" for name, value in headers)
             lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
 

@@ -257,6 +257,12 @@ class BodyTests(SynchronousTestCase):
             self.assertEqual(result["text"], "abc \ufffd")
             self.assertEqual(result["defects"], [f"undecodable charset: {charset}"])
 
+    def test_codec_producing_surrogates(self) -> None:
+        """A codec that decodes to lone surrogates (UTF-7) still gives UTF-8-safe text."""
+        result = parse_message(b"Content-Type: text/plain; charset=utf-7\r\n\r\n+2AA- ok")
+        self.assertEqual(result["text"], "\ufffd ok")
+        assert_shape(result)
+
     def test_undeclared_8bit_body(self) -> None:
         """A body without a charset is read as UTF-8; invalid bytes become U+FFFD."""
         result = parse_message(b"Subject: x\r\n\r\n\xe2\x82\xac \xe9")
@@ -326,6 +332,20 @@ class HeaderDecodingTests(SynchronousTestCase):
         self.assertIsNone(result["date"])
         self.assertEqual(result["defects"], ["InvalidDateDefect", "unparseable date"])
 
+    def test_overlong_date(self) -> None:
+        """A Date value too long to be a date is not parsed."""
+        result = parse_message(b"Date: " + b"Wed, 25 Nov 2026 14:30:00 -0500 " * 10 + b"\r\n\r\nx")
+        self.assertIsNone(result["date"])
+        self.assertEqual(result["defects"], ["unparseable date"])
+
+    def test_decode_budget(self) -> None:
+        """Encoded words are decoded up to a total budget; later headers keep their raw text."""
+        raw = b"".join(b"X-%d: =?utf-8?q?" % n + b"a" * 7000 + b"?=\r\n" for n in range(12)) + b"\r\nx"
+        result = parse_message(raw)
+        self.assertEqual(result["headers"][0]["value"], "a" * 7000)
+        self.assertEqual(result["headers"][-1]["value"], "=?utf-8?q?" + "a" * 7000 + "?=")
+        self.assertEqual(result["defects"], ["header decode budget exceeded"])
+
     def test_ids_and_references(self) -> None:
         """Message-ID and In-Reply-To are reduced to <...>; References becomes a list."""
         raw = crlf(
@@ -384,6 +404,18 @@ class AddressTests(SynchronousTestCase):
         self.assertIn("unparseable address in to", result["defects"])
         self.assertIn("unparseable address in cc", result["defects"])
         assert_shape(result)
+
+    def test_parser_crash_falls_back_to_legacy_parser(self) -> None:
+        """An entry that crashes the modern address parser is retried with the legacy one."""
+        result = parse_message(b"To: x@, good@example.com\r\n\r\n")
+        self.assertEqual(result["to"], [{"address": "good@example.com", "name": None}])
+        self.assertEqual(result["defects"], ["unparseable address in to"])
+
+    def test_overlong_address_skipped(self) -> None:
+        """One overlong entry is skipped and recorded; the others are kept."""
+        result = parse_message(b'To: "' + b"x" * 2000 + b'" <a@example.com>, b@example.com\r\n\r\n')
+        self.assertEqual(result["to"], [{"address": "b@example.com", "name": None}])
+        self.assertEqual(result["defects"], ["address too long in to"])
 
     def test_repeated_address_headers_merged(self) -> None:
         """Every occurrence of an address header contributes its addresses."""
@@ -558,6 +590,41 @@ class AttachmentTests(SynchronousTestCase):
         )
 
 
+class BrokenStructureTests(SynchronousTestCase):
+    """MIME headers that break the stdlib parsers."""
+
+    def test_unparseable_content_type(self) -> None:
+        """A Content-Type that crashes the header parser is read as text, not fatal."""
+        result = parse_message(b"Subject: s\r\nContent-Type: multipart/mixed; boundar*\r\n\r\nhello")
+        self.assertEqual(result["subject"], "s")
+        self.assertIsNone(result["text"])
+        self.assertEqual(
+            result["defects"], ["NoBoundaryInMultipartDefect", "MultipartInvariantViolationDefect", "unparseable header: content-type"]
+        )
+
+    def test_unparseable_filename(self) -> None:
+        """A filename that cannot be decoded is null; the attachment is still reported."""
+        raw = b"Content-Type: text/plain\r\nContent-Disposition: attachment; filename*=\x00UTF-8''a%C3%AF.pdf\r\n\r\nhello"
+        result = parse_message(raw)
+        self.assertEqual([(a["filename"], a["disposition"], a["size"]) for a in result["attachments"]], [(None, "attachment", 5)])
+        self.assertEqual(result["defects"], ["unparseable filename", "unparseable header: content-disposition"])
+
+    def test_delivery_status_cut_by_max_parts(self) -> None:
+        """A base64 message/delivery-status whose blocks max_parts cut off is an empty attachment, not an error."""
+        raw = b"Content-Type: message/delivery-status\r\nContent-Transfer-Encoding: base64\r\n\r\nA: 1\r\n"
+        result = parse_message(raw, max_parts=1)
+        self.assertEqual([(a["content_type"], a["size"]) for a in result["attachments"]], [("message/delivery-status", 0)])
+        self.assertEqual(result["defects"], ["max_parts exceeded"])
+
+    def test_nested_delivery_status_blocks(self) -> None:
+        """A delivery-status block claiming to be delivery-status itself is still written out."""
+        raw = b"Content-Type: message/delivery-status\r\n\r\nA: 1\r\n\r\nContent-Type: message/delivery-status\r\nB: 2\r\n"
+        result = parse_message(raw, inline_attachment_limit=1000)
+        content = base64.b64decode(result["attachments"][0]["content"])
+        self.assertEqual(content, b"A: 1\r\n\r\nContent-Type: message/delivery-status\r\nB: 2\r\n\r\n")
+        self.assertEqual(result["defects"], [])
+
+
 class BoundsTests(SynchronousTestCase):
     """max_depth, max_parts and the MIME header budget."""
 
@@ -609,6 +676,13 @@ class BoundsTests(SynchronousTestCase):
         self.assertIn("mime header budget exceeded", result["defects"])
         # 27 characters of top-level Content-Type, then 2048 per part: the 64th part breaks 128 KiB
         self.assertEqual(result["text"], "\n".join(["part"] * 63))
+
+    def test_top_level_mime_header_budget(self) -> None:
+        """At the top level, MIME headers past the budget are dropped rather than stopping the parse."""
+        raw = b"Content-Type: text/plain; x=" + b"y" * 2000 + b"\r\n"
+        result = parse_message(raw * 70 + b"Subject: s\r\n\r\nbody")
+        self.assertEqual((result["subject"], result["text"], len(result["headers"])), ("s", "body", 66))
+        self.assertEqual(result["defects"], ["mime header budget exceeded"])
 
 
 class HeaderSummaryTests(SynchronousTestCase):
@@ -696,7 +770,7 @@ def header_values(draw: st.DrawFn) -> str:
                 ),
                 st.sampled_from(["Wed, 25 Nov 2026 14:30:00 -0500", "multipart/mixed; boundary=x", "attachment; filename*=utf-8''%E9%ZZ"]),
             ),
-            max_size=6,
+            max_size=4,
         )
     )
     return " ".join(pieces)
@@ -737,16 +811,21 @@ MIME_TREES = st.recursive(
     lambda children: st.builds(
         multipart, st.lists(children, max_size=4), BOUNDARIES, st.sampled_from(["mixed", "alternative", "related", "digest"])
     ),
-    max_leaves=8,
+    max_leaves=5,
 )
+
+
+@st.composite
+def header_sections(draw: st.DrawFn) -> bytes:
+    """Generated top-level headers, without the blank line after them."""
+    headers = draw(st.lists(st.tuples(HEADER_NAMES, header_values()), max_size=6))
+    return b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogatepass") for name, value in headers)
 
 
 @st.composite
 def messages(draw: st.DrawFn) -> bytes:
     """A whole message: generated headers over a MIME tree, maybe truncated, maybe with LF line ends."""
-    headers = draw(st.lists(st.tuples(HEADER_NAMES, header_values()), max_size=8))
-    top = b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogatepass") for name, value in headers)
-    raw = top + draw(MIME_TREES)
+    raw = draw(header_sections()) + draw(MIME_TREES)
     if draw(st.booleans()):
         raw = raw.replace(b"\r\n", b"\n")
     cut = draw(st.integers(min_value=0, max_value=len(raw)))
@@ -772,7 +851,10 @@ class PropertyTests(SynchronousTestCase):
         self.assertLessEqual(len(result["attachments"]), max_parts)
 
     @PROPERTY_SETTINGS
-    @given(raw=st.one_of(st.binary(max_size=1000), messages()), limit=st.integers(min_value=0, max_value=2000))
+    @given(
+        raw=st.one_of(st.binary(max_size=1000), st.builds(bytes.__add__, header_sections(), st.binary(max_size=200))),
+        limit=st.integers(min_value=0, max_value=2000),
+    )
     def test_header_summary_never_raises(self, raw: bytes, limit: int) -> None:
         """parse_header_summary never raises and returns its five keys, JSON-serialisable."""
         summary = parse_header_summary(raw, max_header_bytes=limit)
