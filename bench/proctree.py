@@ -57,7 +57,7 @@ class TreeCPU:
             if pid == root:
                 self.reaped = (int(fields[13]) + int(fields[14])) / _TICKS
 
-    def since(self, earlier: "TreeCPU") -> tuple[float, float]:
+    def since(self, earlier: TreeCPU) -> tuple[float, float]:
         """(CPU seconds of the root, CPU seconds of its descendants) since ``earlier``."""
         root = self.per_pid.get(self.root, 0.0) - earlier.per_pid.get(self.root, 0.0)
         rest = sum(v - earlier.per_pid.get(pid, 0.0) for pid, v in self.per_pid.items() if pid != self.root)

@@ -55,7 +55,9 @@ class Receiver(Resource):
             channel.bench_posted = True
             state["open"] += 1
             state["peak_open"] = max(state["peak_open"], state["open"])
-        records.setdefault(path, []).append((now, request.getHeader("X-Gomail-Message-Id") or "", request.getHeader("X-Gomail-Attempt") or "", conn))
+        records.setdefault(path, []).append(
+            (now, request.getHeader("X-Gomail-Message-Id") or "", request.getHeader("X-Gomail-Attempt") or "", conn)
+        )
         connections.setdefault(path, set()).add(conn)
         body_bytes[path] = body_bytes.get(path, 0) + size
         request.setResponseCode(200)
@@ -67,7 +69,15 @@ class Receiver(Resource):
         if request.path == b"/_stats":
             return json.dumps(
                 {
-                    "paths": {p: {"requests": len(r), "unique_ids": len({x[1] for x in r}), "connections": len(connections.get(p, ())), "body_bytes": body_bytes.get(p, 0)} for p, r in records.items()},
+                    "paths": {
+                        p: {
+                            "requests": len(r),
+                            "unique_ids": len({x[1] for x in r}),
+                            "connections": len(connections.get(p, ())),
+                            "body_bytes": body_bytes.get(p, 0),
+                        }
+                        for p, r in records.items()
+                    },
                     **state,
                 }
             ).encode()

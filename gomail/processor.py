@@ -13,8 +13,10 @@ creation is idempotent, so that repeats nothing but the parse).
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
@@ -178,7 +180,26 @@ def parse_file(path: str) -> dict[str, Any]:
         return parse_message(f.read())
 
 
+def die_with_parent() -> None:
+    """Parser process start-up: exit when the daemon dies, even by SIGKILL.
+
+    Without this a killed daemon leaves its parser processes (and
+    multiprocessing's resource tracker) running forever.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(0)
+    # Ctrl-C in a terminal reaches the whole process group; the daemon
+    # shuts its parsers down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def parser_processes(workers: int | None = None) -> ProcessPoolExecutor:
     """A pool of parser processes (spawned, not forked: the daemon has threads)."""
     count = workers or max(1, (os.cpu_count() or 2) - 1)
-    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
