@@ -239,7 +239,9 @@ def build_service(
         pool = None
         if http_client is None:
             http_client, pool = make_http_client(reactor, config.delivery)
-        store = JobStore(os.path.join(config.data_dir, "jobs"))
+        # No fsync per job: the spool keeps each message in its journal until
+        # a checkpoint has synced the file system, jobs included.
+        store = JobStore(os.path.join(config.data_dir, "jobs"), fsync=False)
         spool = root.spool
 
         def load_message(message_id: str) -> Deferred[tuple[dict[str, Any], bytes]]:
