@@ -46,6 +46,7 @@ from gomail.metrics import GomailMetrics, MetricsResource
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HTTP_TO_UNKNOWN = "unknown"
+_INGEST_ROUTES = frozenset({"/mail/inbound", "/email"})
 
 
 class BoundedRequest(Request):
@@ -323,6 +324,8 @@ class HTTPApi:
             request.setHeader(b"Retry-After", str(max(1, int(error.retry_after + 0.999))).encode("ascii"))
         if self._metrics is not None:
             self._metrics.errors.labels(error.category).inc()
+            if request.route_label in _INGEST_ROUTES:
+                self._metrics.messages_rejected.labels("http", error.category).inc()
         self._log.info(
             "{method} {route} -> {status} {category}: {message} [{request_id}]",
             method=request.method.decode("ascii", "replace"),
@@ -400,12 +403,7 @@ class HTTPApi:
         refused = [r for r in envelope.rcpt_to if not self._recipients.accepts(r)]
         if refused:
             raise PolicyRefused("recipient not accepted here (no relaying)", {"refused": refused})
-        try:
-            stored = await self._spool.store(envelope, raw)
-        except GomailError as e:
-            if self._metrics is not None:
-                self._metrics.messages_rejected.labels("http", e.category).inc()
-            raise
+        stored = await self._spool.store(envelope, raw)
         self._log.info(
             "accepted {msg_id} over HTTP ({size} bytes, {rcpts} recipients) [{request_id}]",
             msg_id=stored.id,

@@ -148,6 +148,8 @@ class IngestTests(APITestBase):
         self.assertEqual(doc["error"]["category"], "policy")
         self.assertEqual(doc["error"]["details"], {"refused": ["x@elsewhere.net"]})
         self.assertEqual(self.spool.stored, [])
+        rejected = self.metrics.registry.get_sample_value("gomail_messages_rejected_total", {"transport": "http", "category": "policy"})
+        self.assertEqual(rejected, 1.0)
 
     def test_storage_failure_is_507(self) -> None:
         """A spool failure is 507 storage with Retry-After."""
