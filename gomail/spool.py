@@ -149,6 +149,22 @@ class SpoolLayout:
         return os.path.join(self.message_dir(message_id), f"{message_id}.json")
 
 
+def write_message_files(layout: SpoolLayout, record: dict[str, Any], raw: bytes | None) -> None:
+    """Write a message's ``.eml`` (when given) and ``.json`` (blocking).
+
+    Runs in a thread or in a parser process.  No fsync: until the
+    checkpoint's sync, the journal (not these files) is what recovery
+    trusts, and it rewrites a torn file.  The raw file is written first and
+    in place; the record appears whole (rename), so a reader that finds the
+    record finds both complete.
+    """
+    message_id = record["id"]
+    os.makedirs(layout.message_dir(message_id), exist_ok=True)
+    if raw is not None:
+        _write_file(layout.raw_path(message_id), raw)
+    _write_atomic(layout.record_path(message_id), json.dumps(record, separators=(",", ":")).encode("utf-8"))
+
+
 def envelope_record(message_id: str, received_at: str, envelope: Envelope, size: int) -> dict[str, Any]:
     """The record of a newly accepted message (GoMail's fields first).
 
@@ -377,7 +393,6 @@ class Spool(Service):
         self._space_checked_at = float("-inf")
         self._space_ok = False
         self.recovered: list[tuple[dict[str, Any], bytes | None]] = []
-        self._folders: set[str] = set()
 
     # -- ISpool ---------------------------------------------------------------
 
@@ -583,18 +598,7 @@ class Spool(Service):
         The journal keeps the message until a checkpoint has synced these
         files, and replays it if they are torn.
         """
-        message_id = record["id"]
-        folder = self.layout.message_dir(message_id)
-        if folder not in self._folders:
-            os.makedirs(folder, exist_ok=True)
-            self._folders.add(folder)
-        # No fsync: until the checkpoint's sync, the journal (not these
-        # files) is what recovery trusts, and it rewrites a torn file.  The
-        # raw file is written first and in place; the record appears whole
-        # (rename), so a reader that finds the record finds both complete.
-        if raw is not None:
-            _write_file(self.layout.raw_path(message_id), raw)
-        _write_atomic(self.layout.record_path(message_id), json.dumps(record, separators=(",", ":")).encode("utf-8"))
+        write_message_files(self.layout, record, raw)
 
     def mark_done(self, message_id: str) -> None:
         """Reactor thread: the message is processed (files written, handed on)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from typing import Any
@@ -14,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gomail.config import load
 from gomail.processor import MessageProcessor
 from gomail.service import build_service
+from gomail.spool import SpoolLayout
 from gomail.tap import Options, ensure_token
 from tests.fakes import ManualThreadPool, ThreadlessReactor
 
@@ -56,16 +58,9 @@ class BuildServiceTests(SynchronousTestCase):
 
 
 class FakeSpool:
-    def __init__(self, raw: bytes) -> None:
-        self.files: list[dict[str, Any]] = []
+    def __init__(self, root: str) -> None:
+        self.layout = SpoolLayout(root)
         self.done: list[str] = []
-        self.raw = raw
-
-    def write_files(self, record: dict[str, Any], raw: bytes | None) -> None:
-        self.files.append(record)
-
-    def read_raw(self, message_id: str) -> bytes:
-        return self.raw
 
     def mark_done(self, message_id: str) -> None:
         self.done.append(message_id)
@@ -87,29 +82,41 @@ RECORD = {"id": "01JD0000000000000000000001", "subject": None, "message_id": Non
 
 class ProcessorTests(SynchronousTestCase):
     def make(self, delivery: Any) -> tuple[MessageProcessor, FakeSpool]:
-        spool = FakeSpool(RAW)
+        spool = FakeSpool(self.mktemp())
         processor = MessageProcessor(spool, ThreadlessReactor(), ManualThreadPool(auto=True), delivery)  # type: ignore[arg-type]
         return processor, spool
+
+    def read_record(self, spool: FakeSpool) -> dict[str, Any]:
+        with open(spool.layout.record_path(RECORD["id"]), "rb") as f:
+            result: dict[str, Any] = json.loads(f.read())
+        return result
 
     def test_parses_writes_files_submits_then_marks_done(self) -> None:
         """A stored message is parsed, written with its state, handed to delivery, then marked done."""
         delivery = FakeDelivery()
         processor, spool = self.make(delivery)
-        processor.message_stored(dict(RECORD), None)
-        (written,) = spool.files
+        processor.message_stored(dict(RECORD), RAW)
+        written = self.read_record(spool)
         self.assertEqual(written["subject"], "Parsed")
         self.assertEqual(written["message_id"], "<p1@example.org>")
         self.assertEqual(written["message"]["text"], "body\r\n")
         self.assertEqual(written["delivery"], {"state": "queued"})
-        self.assertEqual(delivery.submitted, [written])
+        with open(spool.layout.raw_path(RECORD["id"]), "rb") as f:
+            self.assertEqual(f.read(), RAW)
+        (submitted,) = delivery.submitted
+        self.assertEqual({k: v for k, v in written.items() if k != "message"}, submitted)
         self.assertEqual(spool.done, [RECORD["id"]])
         self.assertEqual((processor.processed, processor.failed, processor.in_flight), (1, 0, 0))
 
-    def test_without_delivery_messages_are_stored(self) -> None:
-        """With no routes the record says stored."""
+    def test_without_delivery_messages_are_stored_and_raw_is_read_from_disk(self) -> None:
+        """With no routes the record says stored; a message without bytes in memory is read from its file."""
         processor, spool = self.make(None)
-        processor.resume([(dict(RECORD), RAW)])
-        self.assertEqual(spool.files[0]["delivery"], {"state": "stored"})
+        os.makedirs(spool.layout.message_dir(RECORD["id"]))
+        with open(spool.layout.raw_path(RECORD["id"]), "wb") as f:
+            f.write(RAW)
+        processor.resume([(dict(RECORD), None)])
+        self.assertEqual(self.read_record(spool)["delivery"], {"state": "stored"})
+        self.assertEqual(self.read_record(spool)["subject"], "Parsed")
         self.assertEqual(spool.done, [RECORD["id"]])
 
     def test_a_failure_leaves_the_message_to_the_journal(self) -> None:
@@ -118,6 +125,12 @@ class ProcessorTests(SynchronousTestCase):
         processor.message_stored(dict(RECORD), RAW)
         self.assertEqual(spool.done, [])
         self.assertEqual((processor.failed, processor.processed, processor.in_flight), (1, 0, 0))
+
+    def test_a_missing_raw_file_is_a_failure_not_a_crash(self) -> None:
+        """A message whose file vanished fails alone; the processor goes on."""
+        processor, spool = self.make(None)
+        processor.message_stored(dict(RECORD), None)
+        self.assertEqual((processor.failed, spool.done), (1, []))
 
 
 class TapTests(SynchronousTestCase):
