@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -89,19 +89,6 @@ class MessageProcessor:
         """Process messages an earlier run accepted but did not finish."""
         for record, raw in pending:
             self.message_stored(record, raw)
-
-    def wait(self) -> Deferred[None]:
-        """Fires when every message queued so far is processed."""
-        if self._running is None:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-
-        def done(result: object) -> object:
-            d.callback(None)
-            return result
-
-        self._running.addBoth(done)
-        return d
 
     @property
     def in_flight(self) -> int:

@@ -100,6 +100,7 @@ class GomailService(MultiService):
         self.pools: list[ThreadPoolService] = []
         self.parsers: ExecutorService | None = None
         self.shutdown_summary: dict[str, Any] = {}
+        self.metrics: GomailMetrics
 
     # MultiService starts children in insertion order, which is ours; the
     # privileged start (binding ports) also follows it.
@@ -152,6 +153,7 @@ class GomailService(MultiService):
         deadline = clock.seconds() + self.config.shutdown_timeout
         self._log.info("shutting down: draining for at most {timeout} s", timeout=self.config.shutdown_timeout)
         self.api.shutting_down = True
+        self.metrics.shutting_down.set(1)
         if self.smtp is not None:
             self.smtp.begin_shutdown()
         await gatherResults([_maybe(listener.stopService()) for listener in self.listeners], consumeErrors=True)
@@ -224,7 +226,7 @@ def build_service(
     """
     root = GomailService(config, reactor)
     metrics = GomailMetrics(registry if registry is not None else CollectorRegistry())
-    root.metrics = metrics  # type: ignore[attr-defined]
+    root.metrics = metrics
 
     spool_pool = ThreadPoolService("gomail-spool", 1, 2)
     work_pool = ThreadPoolService("gomail-work", 1, config.io_threads)

@@ -100,7 +100,7 @@ def _sync_filesystem(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
+def _write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary name and a rename."""
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
@@ -108,8 +108,6 @@ def _write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        if durable:
-            os.fdatasync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -339,8 +337,9 @@ class Spool(Service):
         metrics: Where to count.
         on_stored: Called on the reactor thread with ``(record, raw or None)``
             once a message is durable; raw is given for messages held in
-            memory.  Whoever processes it calls :meth:`write_files` and then
-            :meth:`mark_done`; until then the journal keeps the message.
+            memory.  Whoever processes it writes the files
+            (:func:`write_message_files`) and calls :meth:`mark_done`; until
+            then the journal keeps the message.
         max_unprocessed: Back-pressure: more accepted-but-unprocessed
             messages than this and new ones are refused as ``unavailable``
             (SMTP 421 4.3.2 / HTTP 503), so memory stays bounded.
@@ -591,14 +590,6 @@ class Spool(Service):
         return self._journal_seq
 
     # -- after acceptance (called by the processor) --------------------------
-
-    def write_files(self, record: dict[str, Any], raw: bytes | None) -> None:
-        """Write a message's ``.eml`` (when given) and ``.json`` (blocking).
-
-        The journal keeps the message until a checkpoint has synced these
-        files, and replays it if they are torn.
-        """
-        write_message_files(self.layout, record, raw)
 
     def mark_done(self, message_id: str) -> None:
         """Reactor thread: the message is processed (files written, handed on)."""

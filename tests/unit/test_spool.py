@@ -12,7 +12,7 @@ from gomail.errors import StorageFailed, Unavailable
 from gomail.ids import is_valid_id
 from gomail.interfaces import Envelope
 from gomail.metrics import GomailMetrics
-from gomail.spool import Spool, _read_journal
+from gomail.spool import Spool, _read_journal, write_message_files
 from tests.fakes import ManualThreadPool, ThreadlessReactor
 
 RAW = b"From: Alice <alice@example.org>\r\nTo: bob@example.com\r\nSubject: Hello\r\nMessage-ID: <m1@example.org>\r\n\r\nHi Bob\r\n"
@@ -70,12 +70,12 @@ class StoreTests(SpoolTestBase):
         self.assertEqual(entries, [(record, RAW)])
         self.assertEqual(spool.unprocessed, 1)
 
-    def test_write_files_puts_raw_and_record_in_the_dated_folder(self) -> None:
-        """write_files lays out messages/YYYY/MM/DD/<id>.eml and .json."""
+    def test_message_files_go_in_the_dated_folder(self) -> None:
+        """write_message_files lays out messages/YYYY/MM/DD/<id>.eml and .json."""
         spool = self.make_spool()
         stored = self.successResultOf(spool.store(ENVELOPE, RAW))
         ((record, raw),) = self.stored
-        spool.write_files({**record, "delivery": {"state": "stored"}}, raw)
+        write_message_files(spool.layout, {**record, "delivery": {"state": "stored"}}, raw)
         spool.mark_done(stored.id)
         folder = os.path.join(self.dir, "messages", "2026", "09", "21")
         with open(os.path.join(folder, f"{stored.id}.eml"), "rb") as f:
@@ -218,7 +218,7 @@ class RecoveryTests(SpoolTestBase):
         spool = self.make_spool()
         stored = self.successResultOf(spool.store(ENVELOPE, RAW))
         ((record, raw),) = self.stored
-        spool.write_files({**record, "delivery": {"state": "queued"}}, raw)
+        write_message_files(spool.layout, {**record, "delivery": {"state": "queued"}}, raw)
         spool.running = False
         again = self.make_spool()
         self.assertEqual(again.recovered, [])
