@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import signal
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -125,27 +125,25 @@ class MessageProcessor:
         """Work thread: have every message of the batch parsed and written.
 
         With parser processes, the whole job (parse, JSON, file writes) runs
-        there, so the daemon's threads only wait: file system calls made
-        from threads here would keep handing the GIL back and forth with
-        the reactor (measured: tens of thousands of futex calls a second).
+        there, one submission per process and batch, so the daemon's threads
+        only wait: file system calls or per-message hand-offs made from
+        threads here would keep trading the GIL with the reactor (measured:
+        tens of thousands of futex calls a second).
         """
         state = "queued" if self._delivery is not None else "stored"
         root = self._spool.layout.root
-        pending: list[Future[dict[str, Any]] | dict[str, Any] | BaseException] = []
-        for record, raw in batch:
-            try:
-                if self._parser is None:
-                    pending.append(prepare_message(root, record, raw, state))
-                else:
-                    pending.append(self._parser.submit(prepare_message, root, record, raw, state))
-            except Exception as e:  # noqa: BLE001
-                pending.append(e)
+        if self._parser is None:
+            return [_as_error(r) for r in prepare_batch(root, batch, state)]
+        workers = max(1, getattr(self._parser, "_max_workers", 1))
+        size = -(-len(batch) // workers)
+        chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
+        futures = [self._parser.submit(prepare_batch, root, chunk, state) for chunk in chunks]
         out: list[dict[str, Any] | BaseException] = []
-        for item in pending:
+        for chunk, future in zip(chunks, futures, strict=True):
             try:
-                out.append(item.result() if isinstance(item, Future) else item)
-            except Exception as e:  # noqa: BLE001
-                out.append(e)
+                out += [_as_error(r) for r in future.result()]
+            except Exception as e:  # noqa: BLE001 - a parser process died
+                out += [e] * len(chunk)
         return out
 
     def _failed(self, error: BaseException, message_id: str | None) -> None:
@@ -155,6 +153,21 @@ class MessageProcessor:
             msg_id=message_id,
             error=error,
         )
+
+
+def prepare_batch(root: str, batch: list[Item], state: str) -> list[dict[str, Any] | str]:
+    """Parser process: :func:`prepare_message` for each; a failure becomes its text."""
+    out: list[dict[str, Any] | str] = []
+    for record, raw in batch:
+        try:
+            out.append(prepare_message(root, record, raw, state))
+        except Exception as e:  # noqa: BLE001 - reported per message
+            out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
+def _as_error(result: dict[str, Any] | str) -> dict[str, Any] | BaseException:
+    return RuntimeError(result) if isinstance(result, str) else result
 
 
 def prepare_message(root: str, record: dict[str, Any], raw: bytes | None, state: str) -> dict[str, Any]:
