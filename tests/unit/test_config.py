@@ -179,3 +179,30 @@ class ValidateCommandTests(SynchronousTestCase):
         self.assertEqual(schema["properties"]["smtp"]["properties"]["max_recipients"]["default"], 100)
         self.assertTrue(schema["properties"]["http"]["properties"]["bearer_token"]["writeOnly"])
         self.assertEqual(schema["properties"]["routes"]["items"]["required"], ["name", "url"])
+
+
+class ExampleConfigTests(SynchronousTestCase):
+    def test_the_shipped_example_is_valid_and_documents_every_key(self) -> None:
+        """etc/gomail.yaml validates and names every key of the schema (the token only in a comment)."""
+        import yaml
+
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "gomail.yaml")
+        c = load(path, {}, {})
+        self.assertEqual(c.smtp.listen, "tcp:25")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        doc = yaml.safe_load(text)
+        missing: list[str] = []
+
+        def walk(spec: dict[str, object], data: dict[str, object], prefix: str) -> None:
+            for key, sub in spec.items():
+                if isinstance(sub, dict):
+                    walk(sub, data.get(key) or {}, f"{prefix}{key}.")  # type: ignore[arg-type]
+                elif isinstance(sub, list):
+                    walk(sub[0], (data.get(key) or [{}])[0], f"{prefix}{key}[0].")  # type: ignore[index]
+                elif key not in data:
+                    missing.append(prefix + key)
+
+        walk(config.SPEC, doc, "")
+        self.assertEqual(missing, ["http.bearer_token"])
+        self.assertIn("# bearer_token:", text)
