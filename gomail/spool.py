@@ -102,15 +102,8 @@ def _sync_filesystem(path: str) -> None:
 
 def _write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary name and a rename."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    _write_file(f"{path}.tmp", data)
+    os.replace(f"{path}.tmp", path)
 
 
 def _write_file(path: str, data: bytes) -> None:

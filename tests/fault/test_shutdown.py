@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.daemon import TOKEN, Daemon
+from tests.integration.daemon import TOKEN, Daemon, wait_until
 
 SHUTDOWN_TIMEOUT = 5
 SLACK = 2.5
@@ -141,6 +141,20 @@ def shutdown_summary(log: str) -> dict[str, int]:
     raise AssertionError("no 'shutdown complete' event in the log")
 
 
+def upload_counted(daemon: Daemon) -> None:
+    """Wait until the server counts the half-sent upload as in flight.
+
+    A /metrics request counts itself, so the upload makes it 2.
+    """
+
+    def in_flight() -> float:
+        _, _, body = daemon.request("GET", "/metrics")
+        match = re.search(rb"^gomail_http_requests_in_flight (\S+)$", body, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    wait_until(lambda: in_flight() >= 2, timeout=5)
+
+
 def poll(predicate: Callable[[], bool], timeout: float) -> bool:
     """Whether ``predicate`` became true within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -180,7 +194,7 @@ class GracefulShutdownTests(SynchronousTestCase):
         answer = keepalive.http_response()
         assert answer is not None
         self.assertEqual(answer[0], 200)
-        time.sleep(0.2)  # the upload's headers and first half are read by the server
+        upload_counted(daemon)  # the upload's headers and first half are read by the server
 
         sent = time.monotonic()
         daemon.signal(signal.SIGTERM)
@@ -248,7 +262,7 @@ class GracefulShutdownTests(SynchronousTestCase):
         raw = head + tail
         upload = self.track(Conn(daemon.http_port))
         upload.send(http_upload_head(len(raw)) + head)
-        time.sleep(0.2)
+        upload_counted(daemon)
         sent = time.monotonic()
         daemon.signal(signal.SIGTERM)
         self.assertTrue(poll(lambda: refused(daemon.http_port), 2.0), "the HTTP port still accepts")
