@@ -44,7 +44,7 @@ class MessageProcessor:
         spool: The spool (``layout``, ``mark_done``).
         reactor: For thread hand-off.
         pool: The work thread pool.
-        delivery: The delivery service (``submit(record)``), or None when no
+        delivery: The delivery service (``submit_many(records)``), or None when no
             route is configured: messages are then only stored.
         batch_size: Most messages handled in one thread hop.
         parser: Where to run the parser (a process pool), or None.
@@ -101,25 +101,32 @@ class MessageProcessor:
                 batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
                 self._current = len(batch)
                 results = await deferToThreadPool(self._reactor, self._pool, self._prepare, batch)
-                for (record, _), result in zip(batch, results, strict=True):
-                    await self._hand_on(record.get("id"), result)
+                await self._hand_on([record.get("id") for record, _ in batch], results)
                 self._current = 0
         finally:
             self._current = 0
             self._running = None
 
-    async def _hand_on(self, message_id: str | None, result: dict[str, Any] | BaseException) -> None:
-        if isinstance(result, BaseException):
-            self._failed(result, message_id)
+    async def _hand_on(self, message_ids: list[str | None], results: list[dict[str, Any] | BaseException]) -> None:
+        """Submit the batch's prepared messages to delivery together, then mark them done."""
+        ready: list[dict[str, Any]] = []
+        for message_id, result in zip(message_ids, results, strict=True):
+            if isinstance(result, BaseException):
+                self._failed(result, message_id)
+            else:
+                ready.append(result)
+        if not ready:
             return
-        try:
-            if self._delivery is not None:
-                await self._delivery.submit(result)
-        except Exception as e:  # noqa: BLE001 - logged; the journal keeps the message
-            self._failed(e, message_id)
-            return
-        self._spool.mark_done(result["id"])
-        self.processed += 1
+        if self._delivery is not None:
+            try:
+                await self._delivery.submit_many(ready)
+            except Exception as e:  # noqa: BLE001 - logged; the journal keeps the messages
+                for record in ready:
+                    self._failed(e, record["id"])
+                return
+        for record in ready:
+            self._spool.mark_done(record["id"])
+            self.processed += 1
 
     def _prepare(self, batch: list[Item]) -> list[dict[str, Any] | BaseException]:
         """Work thread: have every message of the batch parsed and written.

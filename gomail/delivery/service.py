@@ -815,21 +815,37 @@ class DeliveryService(Service):
             A Deferred firing, once the jobs are durable, with their ids;
             ``[]`` when no route takes any recipient.
         """
-        return self._track(Deferred.fromCoroutine(self._submit(record)))
+        return Deferred.fromCoroutine(self._submit_one(record))
 
-    async def _submit(self, record: dict[str, Any]) -> list[str]:
-        jobs = self.jobs_for(record, self._clock.seconds())
-        if not jobs:
-            self._log.warn("no route takes any recipient of {message_id}", message_id=record.get("id"))
-            return []
-        stored = await self._in_thread(self.store.create, jobs)
+    async def _submit_one(self, record: dict[str, Any]) -> list[str]:
+        (ids,) = await self.submit_many([record])
+        return ids
+
+    def submit_many(self, records: list[dict[str, Any]]) -> Deferred[list[list[str]]]:
+        """:meth:`submit` for several records at once: one store write for all.
+
+        Returns:
+            A Deferred firing with the job ids of each record, in order.
+        """
+        return self._track(Deferred.fromCoroutine(self._submit_many(records)))
+
+    async def _submit_many(self, records: list[dict[str, Any]]) -> list[list[str]]:
+        now = self._clock.seconds()
+        per_record = [self.jobs_for(record, now) for record in records]
+        for record, jobs in zip(records, per_record, strict=True):
+            if not jobs:
+                self._log.warn("no route takes any recipient of {message_id}", message_id=record.get("id"))
+        everything = [job for jobs in per_record for job in jobs]
+        if not everything:
+            return [[] for _ in records]
+        stored = await self._in_thread(self.store.create, everything)
         for job in stored:
             mine = self._jobs.get(job.id)
             if job.id in self._in_flight or (mine is not None and mine.revision >= job.revision):
                 continue
             self._adopt(job)
         self._pump()
-        return [job.id for job in stored]
+        return [[job.id for job in jobs] for jobs in per_record]
 
     # -- operators ----------------------------------------------------------------------
 

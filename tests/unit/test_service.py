@@ -71,9 +71,9 @@ class FakeDelivery:
         self.submitted: list[dict[str, Any]] = []
         self.error = error
 
-    def submit(self, record: dict[str, Any]) -> Any:
-        self.submitted.append(record)
-        return fail(self.error) if self.error else succeed(["job-1"])
+    def submit_many(self, records: list[dict[str, Any]]) -> Any:
+        self.submitted += records
+        return fail(self.error) if self.error else succeed([["job-1"] for _ in records])
 
 
 RAW = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: Parsed\r\nMessage-ID: <p1@example.org>\r\n\r\nbody\r\n"
