@@ -217,6 +217,12 @@ def die_with_parent() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the daemon
     # shuts its parsers down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Accepting mail comes first: parsing can catch up after a burst, a
+    # client kept waiting for its reply cannot.
+    try:
+        os.nice(5)
+    except OSError:  # pragma: no cover
+        pass
 
 
 def parser_processes(workers: int | None = None) -> ProcessPoolExecutor:

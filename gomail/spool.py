@@ -49,6 +49,7 @@ import errno
 import json
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -370,6 +371,8 @@ class Spool(Service):
         self._max_unprocessed = max_unprocessed
         self.on_stored = on_stored
         self._ids = IdGenerator()
+        # Shared with the committer thread, under _lock.
+        self._lock = threading.Lock()
         self._queue: list[_Commit] = []
         self._committing = False
         self._idle_waiters: list[Deferred[None]] = []
@@ -446,7 +449,9 @@ class Spool(Service):
 
     def wait_idle(self) -> Deferred[None]:
         """Fires when no commit batch is running or queued."""
-        if not self._committing and not self._queue:
+        with self._lock:
+            idle = not self._committing and not self._queue
+        if idle:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle_waiters.append(d)
@@ -470,30 +475,53 @@ class Spool(Service):
         return self._space_ok
 
     def _enqueue(self, item: _Commit) -> None:
-        self._queue.append(item)
-        if not self._committing:
-            self._next_batch()
+        """Reactor: queue a message for the committer; start it if idle."""
+        with self._lock:
+            self._queue.append(item)
+            if self._committing:
+                return
+            self._committing = True
+        self._start_committer()
 
-    def _next_batch(self) -> None:
-        if not self._queue:
+    def _start_committer(self) -> None:
+        d = self._in_thread(self._commit_loop)
+        d.addErrback(self._committer_crashed)
+        d.addBoth(lambda _: self._maybe_idle())
+
+    def _commit_loop(self) -> None:
+        """Committer thread: commit batch after batch until the queue is empty.
+
+        The next batch starts as soon as the previous sync returns, without a
+        round trip through the reactor; replies go back by ``callFromThread``.
+        """
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._committing = False
+                    return
+                batch, self._queue = self._queue, []
+            if self._metrics is not None:
+                self._metrics.spool_commit_batch.observe(len(batch))
+            try:
+                self._commit_batch(batch)
+            except Exception as e:  # pragma: no cover - a bug
+                self._log.failure("commit batch crashed")
+                for item in batch:
+                    self._threads.callFromThread(self._fail, item, StorageFailed(f"internal error while storing: {e!r}"))
+
+    def _committer_crashed(self, failure: Failure) -> None:  # pragma: no cover - a bug
+        self._log.failure("the committer crashed", failure)
+        with self._lock:
             self._committing = False
+
+    def _maybe_idle(self) -> None:
+        """Reactor: wake ``wait_idle`` callers once nothing is queued or running."""
+        with self._lock:
+            idle = not self._committing and not self._queue
+        if idle:
             waiters, self._idle_waiters = self._idle_waiters, []
             for w in waiters:
                 w.callback(None)
-            return
-        batch, self._queue = self._queue, []
-        self._committing = True
-        if self._metrics is not None:
-            self._metrics.spool_commit_batch.observe(len(batch))
-        d = self._in_thread(self._commit_batch, batch)
-        d.addErrback(self._batch_crashed, batch)
-        d.addBoth(lambda _: self._next_batch())
-
-    def _batch_crashed(self, failure: Failure, batch: list[_Commit]) -> None:  # pragma: no cover - a bug
-        self._log.failure("commit batch crashed", failure)
-        for item in batch:
-            if not item.deferred.called:
-                item.deferred.errback(StorageFailed("internal error while storing"))
 
     def _commit_batch(self, batch: list[_Commit]) -> None:
         """Committer thread: one journal append and one sync for the batch."""
@@ -609,14 +637,27 @@ class Spool(Service):
         return oldest - 1
 
     def _periodic_checkpoint(self) -> None:
-        if self._committing or self._queue or not (self._done_since_checkpoint or self._journal_size > self._journal_max):
+        if not (self._done_since_checkpoint or self._journal_size > self._journal_max):
             return
-        self._committing = True
+        with self._lock:
+            if self._committing or self._queue:
+                return
+            self._committing = True  # the committer waits for the checkpoint
         self._done_since_checkpoint = 0
         rotate = self._journal_size > 0
         d = self._in_thread(self._checkpoint, self._deletable_segments(), rotate)
         d.addErrback(lambda f: self._log.failure("checkpoint failed", f))
-        d.addBoth(lambda _: self._next_batch())
+        d.addBoth(lambda _: self._checkpoint_done())
+
+    def _checkpoint_done(self) -> None:
+        """Reactor: commit what arrived during the checkpoint, or go idle."""
+        with self._lock:
+            resume = bool(self._queue)
+            self._committing = resume
+        if resume:
+            self._start_committer()
+        else:
+            self._maybe_idle()
 
     def _checkpoint(self, upto: int, rotate: bool = True) -> None:
         """Committer thread: sync the written files, then drop old segments.
