@@ -442,7 +442,13 @@ class Spool(Service):
 
     async def _stop(self) -> None:
         await self.wait_idle()
-        await self._in_thread(self._checkpoint, self._deletable_segments())
+        with self._lock:
+            self._committing = True  # no batch while the last checkpoint runs
+        try:
+            await self._in_thread(self._checkpoint, self._deletable_segments())
+        finally:
+            self._checkpoint_done()
+        await self.wait_idle()
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None
