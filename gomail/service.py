@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -148,21 +149,22 @@ class GomailService(MultiService):
         Service.stopService(self)
         return Deferred.fromCoroutine(self._shutdown())
 
+    async def _wait_while(self, busy: Callable[[], bool], deadline: float) -> None:
+        """Poll ``busy`` on the clock until it is false or ``deadline`` passes."""
+        while busy() and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05, lambda: None)
+
     async def _shutdown(self) -> None:
-        clock = self.reactor
-        deadline = clock.seconds() + self.config.shutdown_timeout
+        deadline = self.reactor.seconds() + self.config.shutdown_timeout
         self._log.info("shutting down: draining for at most {timeout} s", timeout=self.config.shutdown_timeout)
         self.api.shutting_down = True
         self.metrics.shutting_down.set(1)
         if self.smtp is not None:
             self.smtp.begin_shutdown()
-        await gatherResults([_maybe(listener.stopService()) for listener in self.listeners], consumeErrors=True)
+        await gatherResults([maybeDeferred(listener.stopService) for listener in self.listeners], consumeErrors=True)
         sessions_at_start = self.smtp.active_sessions if self.smtp is not None else 0
         requests_at_start = self.site.in_flight
-        while clock.seconds() < deadline and (
-            (self.smtp is not None and self.smtp.active_sessions) or self.site.in_flight
-        ):
-            await deferLater(clock, 0.05, lambda: None)
+        await self._wait_while(lambda: bool((self.smtp is not None and self.smtp.active_sessions) or self.site.in_flight), deadline)
         cut_sessions = self.smtp.active_sessions if self.smtp is not None else 0
         cut_requests = self.site.in_flight
         if self.smtp is not None and cut_sessions:
@@ -170,16 +172,15 @@ class GomailService(MultiService):
         self.site.close_connections()
         deliveries_cut = 0
         if self.delivery is not None:
-            stopping = _maybe(self.delivery.stopService())
-            while clock.seconds() < deadline and self.delivery.in_flight:
-                await deferLater(clock, 0.05, lambda: None)
+            delivery = self.delivery
+            stopping = maybeDeferred(delivery.stopService)
+            await self._wait_while(lambda: bool(delivery.in_flight), deadline)
             deliveries_cut = self.delivery.in_flight
             if deliveries_cut:
                 self.delivery.cancel_in_flight()
             await stopping
-        while clock.seconds() < deadline and self.processor.in_flight:
-            await deferLater(clock, 0.05, lambda: None)
-        await _maybe(self.spool.stopService())
+        await self._wait_while(lambda: bool(self.processor.in_flight), deadline)
+        await maybeDeferred(self.spool.stopService)
         self.limiter.stopService()
         if self.parsers is not None:
             self.parsers.stopService()
@@ -197,14 +198,6 @@ class GomailService(MultiService):
             "{requests_drained} HTTP requests drained ({requests_cut} cut), {deliveries_cut} deliveries cut",
             **self.shutdown_summary,
         )
-
-
-def _maybe(result: Any) -> Deferred[Any]:
-    if isinstance(result, Deferred):
-        return result
-    d: Deferred[Any] = Deferred()
-    d.callback(result)
-    return d
 
 
 def build_service(

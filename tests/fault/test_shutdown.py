@@ -157,12 +157,11 @@ def upload_counted(daemon: Daemon) -> None:
 
 def poll(predicate: Callable[[], bool], timeout: float) -> bool:
     """Whether ``predicate`` became true within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
+    try:
+        wait_until(predicate, timeout=timeout, interval=0.02)
+    except TimeoutError:
+        return False
+    return True
 
 
 class GracefulShutdownTests(SynchronousTestCase):
