@@ -83,29 +83,24 @@ def cmd_queue(args: argparse.Namespace, rest: list[str]) -> int:
                     print(f"{job['id']}  {job['state']:<8} {job['route']:<16} attempts={job['attempts']} next={job['next_due']} last={job.get('last_status')}")
                 print(f"{len(jobs)} job(s)")
             return 0
+        if args.action == "retry" and args.dead:
+            since = _parse_since(args.since) if args.since else None
+            retried = admin.retry_dead(store, route=args.route, since=since)
+            print(f"{len(retried)} dead job(s) queued for retry")
+            return 0
+        if not args.id:
+            print("give a job id" + (" or --dead" if args.action == "retry" else ""), file=sys.stderr)
+            return 2
         if args.action == "retry":
-            if args.dead:
-                since = _parse_since(args.since) if args.since else None
-                retried = admin.retry_dead(store, route=args.route, since=since)
-                print(f"{len(retried)} dead job(s) queued for retry")
-                return 0
-            if not args.id:
-                print("give a job id or --dead", file=sys.stderr)
-                return 2
             admin.retry(store, args.id)
             print(f"{args.id} queued for retry")
-            return 0
-        if args.action == "purge":
-            if not args.id:
-                print("give a job id", file=sys.stderr)
-                return 2
+        else:
             admin.purge(store, args.id)
             print(f"{args.id} purged")
-            return 0
+        return 0
     except GomailError as e:
         print(f"{e.category}: {e.message} {json.dumps(e.details) if e.details else ''}".rstrip(), file=sys.stderr)
         return 1
-    return 2  # pragma: no cover
 
 
 def _parse_since(text: str) -> float:

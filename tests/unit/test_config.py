@@ -206,3 +206,19 @@ class ExampleConfigTests(SynchronousTestCase):
         walk(config.SPEC, doc, "")
         self.assertEqual(missing, ["http.bearer_token"])
         self.assertIn("# bearer_token:", text)
+
+
+class QueueCommandTests(ValidateCommandTests):
+    def test_queue_commands_need_a_job_and_report_unknown_ones(self) -> None:
+        """retry and purge without an id exit 2; an unknown id exits 1 with a not_found message; list shows none."""
+        env = {"GOMAIL_DATA_DIR": self.mktemp()}
+        self.assertEqual(self.run_cli("queue", "retry", env=env)[0], 2)
+        code, _, err = self.run_cli("queue", "purge", env=env)
+        self.assertEqual((code, err.strip()), (2, "give a job id"))
+        code, _, err = self.run_cli("queue", "purge", "01JD0000000000000000000001.app", env=env)
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith(("not_found:", "syntax:")), err)
+        code, out, _ = self.run_cli("queue", "list", env=env)
+        self.assertEqual((code, out.strip()), (0, "0 job(s)"))
+        code, out, _ = self.run_cli("queue", "retry", "--dead", env=env)
+        self.assertEqual((code, out.strip()), (0, "0 dead job(s) queued for retry"))
