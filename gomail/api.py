@@ -15,7 +15,6 @@ import json
 import re
 import weakref
 from collections.abc import Callable
-from email.utils import getaddresses
 from typing import Any
 
 from klein import Klein
@@ -43,6 +42,7 @@ from gomail.errors import (
 from gomail.ids import request_id as new_request_id
 from gomail.interfaces import Envelope, IRecipientPolicy, ISpool
 from gomail.metrics import GomailMetrics, MetricsResource
+from gomail.parser import header_addresses
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HTTP_TO_UNKNOWN = "unknown"
@@ -147,30 +147,6 @@ def _header(request: IRequest, name: bytes) -> str | None:
 
 def _all_headers(request: IRequest, name: bytes) -> list[str]:
     return [v.decode("utf-8", "replace") for v in request.requestHeaders.getRawHeaders(name, [])]
-
-
-def header_addresses(raw: bytes, names: tuple[str, ...], limit: int = 65536) -> dict[str, list[str]]:
-    """Addresses in the named headers, cheaply (on the reactor thread).
-
-    Only the header section (at most ``limit`` bytes) is looked at, with the
-    stdlib's regex-based ``getaddresses``; the full parser runs later.
-    """
-    end = raw.find(b"\r\n\r\n", 0, limit)
-    if end < 0:
-        end = raw.find(b"\n\n", 0, limit)
-    head = raw[: end if end >= 0 else limit].decode("utf-8", "replace")
-    values: dict[str, list[str]] = {n: [] for n in names}
-    current: list[str] | None = None
-    for line in head.splitlines():
-        if line[:1] in (" ", "\t") and current is not None:
-            current[-1] += " " + line.strip()
-            continue
-        name, sep, value = line.partition(":")
-        key = name.strip().lower()
-        current = values[key] if sep and key in values else None
-        if current is not None:
-            current.append(value.strip())
-    return {n: [a for _, a in getaddresses(v) if "@" in a] for n, v in values.items()}
 
 
 def _split_addresses(values: list[str]) -> list[str]:

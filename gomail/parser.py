@@ -42,7 +42,7 @@ from email.utils import getaddresses
 from functools import partial
 from typing import Any
 
-__all__ = ["parse_header_summary", "parse_message"]
+__all__ = ["header_addresses", "parse_header_summary", "parse_message"]
 
 #: Address headers reported by :func:`parse_message`, as (result key, header name).
 _ADDRESS_FIELDS: tuple[tuple[str, str], ...] = (
@@ -980,3 +980,29 @@ def _decode_text(data: bytes, charset: str | None, defects: _Defects) -> str:
     if not text.isascii() and _SURROGATE.search(text):
         text = _SURROGATE.sub("\ufffd", text)
     return text
+
+
+def header_addresses(raw: bytes, names: tuple[str, ...], limit: int = 65536) -> dict[str, list[str]]:
+    """Addresses in the named (lower-case) headers, cheaply.
+
+    For the reply path (the HTTP API's envelope fallback runs on the reactor
+    thread): only the header section, at most ``limit`` bytes, is read, with
+    the stdlib's regex-based ``getaddresses``; about a tenth of the cost of
+    :func:`parse_header_summary`.  Never raises.
+    """
+    end = raw.find(b"\r\n\r\n", 0, limit)
+    if end < 0:
+        end = raw.find(b"\n\n", 0, limit)
+    head = raw[: end if end >= 0 else limit].decode("utf-8", "replace")
+    values: dict[str, list[str]] = {n: [] for n in names}
+    current: list[str] | None = None
+    for line in head.splitlines():
+        if line[:1] in (" ", "\t") and current is not None:
+            current[-1] += " " + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        key = name.strip().lower()
+        current = values[key] if sep and key in values else None
+        if current is not None:
+            current.append(value.strip())
+    return {n: [a for _, a in getaddresses(v) if "@" in a] for n, v in values.items()}

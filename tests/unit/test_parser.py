@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from gomail.parser import parse_header_summary, parse_message
+from gomail.parser import header_addresses, parse_header_summary, parse_message
 
 RESULT_KEYS = {
     "headers",
@@ -860,3 +860,21 @@ class PropertyTests(SynchronousTestCase):
         summary = parse_header_summary(raw, max_header_bytes=limit)
         self.assertEqual(set(summary), SUMMARY_KEYS)
         assert_json_ready(summary)
+
+
+class HeaderAddressesTests(SynchronousTestCase):
+    def test_addresses_from_folded_headers_only_in_the_header_section(self) -> None:
+        """From/To/Cc addresses come from the headers (folded lines joined), never from the body."""
+        raw = b"From: Alice <a@example.org>\r\nTo: b@example.com,\r\n  \"C, D\" <c@example.com>\r\nSubject: x\r\n\r\nTo: body@example.com\r\n"
+        self.assertEqual(
+            header_addresses(raw, ("from", "to", "cc")),
+            {"from": ["a@example.org"], "to": ["b@example.com", "c@example.com"], "cc": []},
+        )
+
+    @given(st.binary(max_size=2000))
+    @settings(max_examples=200, deadline=None)
+    def test_never_raises(self, raw: bytes) -> None:
+        """Any bytes give lists of strings."""
+        result = header_addresses(raw, ("from", "to"))
+        self.assertEqual(set(result), {"from", "to"})
+        self.assertTrue(all(isinstance(a, str) for v in result.values() for a in v))
