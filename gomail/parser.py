@@ -1,11 +1,14 @@
 """Turn raw RFC 5322 / MIME bytes into a JSON-ready dict for the webhook body.
 
-Two entry points:
+Entry points:
 
 * :func:`parse_message` walks the whole message: headers, addresses, date,
-  ids, the text and HTML bodies and the attachments.
-* :func:`parse_header_summary` reads only the header section; it is cheap
-  enough for the SMTP and HTTP reply path.
+  ids, the text and HTML bodies and the attachments (after acceptance, in
+  the parser processes).
+* :func:`parse_header_summary` reads only the header section, with full
+  decoding (about 0.4 ms a message).
+* :func:`header_addresses` only pulls addresses out of named headers; it is
+  the one cheap enough for the reply path.
 
 Both use the stdlib :mod:`email` package with the modern policy and never
 raise: whatever goes wrong is recorded as a string in ``defects``.
