@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
@@ -20,6 +22,7 @@ class GomailMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = registry
         # HTTP API
         self.http_request_duration = Histogram(
@@ -95,6 +98,21 @@ class GomailMetrics:
         self.ratelimit_keys = Gauge("gomail_ratelimit_keys", "Keys held by the rate limiter.", registry=r)
         # Shutdown
         self.shutting_down = Gauge("gomail_shutting_down", "1 while draining for shutdown.", registry=r)
+
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once and kept.
+
+        ``labels()`` checks and sorts its arguments under a lock on every call
+        (several microseconds); the SMTP and spool hot paths call this
+        instead, a few times per message.  Label values are low-cardinality,
+        so the cache stays small.
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
 
 class MetricsResource(Resource):

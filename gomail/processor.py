@@ -220,7 +220,7 @@ def die_with_parent() -> None:
     # Accepting mail comes first: parsing can catch up after a burst, a
     # client kept waiting for its reply cannot.
     try:
-        os.nice(5)
+        os.nice(19)
     except OSError:  # pragma: no cover
         pass
 

@@ -225,7 +225,7 @@ def build_service(
     work_pool = ThreadPoolService("gomail-work", 1, config.io_threads)
     root.pools = [spool_pool, work_pool]
 
-    root.spool = Spool(config.data_dir, reactor, spool_pool.pool, metrics)
+    root.spool = Spool(config.data_dir, reactor, spool_pool.pool, metrics, commit_linger=0.05)
     root.limiter = LimiterService(config.rate_limit, reactor, metrics)
     router = Router(config.domains, config.routes)
     root.router = router  # type: ignore[attr-defined]

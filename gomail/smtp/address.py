@@ -28,6 +28,12 @@ _SUB_DOMAIN = re.compile(rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]*[A-Za-z0-9
 _KEYWORD = re.compile(r"(FROM|TO):[ \t]*", re.IGNORECASE)
 _ROUTE = re.compile(r"@[^,:@<>\s]+(?:,@[^,:@<>\s]+)*")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([^\x00-\x20=\x7f]+))?")
+# The everyday case, checked in one step: ``FROM:<local@host.name>`` or
+# ``TO:<...>`` with an ASCII dot-atom local part, a host name, and nothing
+# after.  What it matches, the full parser accepts unchanged (a property
+# test checks that); anything else goes through the full parser.
+_LDH = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+_SIMPLE = re.compile(rf"(?i:FROM|TO):<((?:[{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@({_LDH}(?:\.{_LDH})*))>")
 
 
 class AddressError(InvalidSyntax):
@@ -70,6 +76,32 @@ def parse_path_argument(arg: str, *, smtputf8_allowed: bool) -> tuple[str, dict[
             ``553 5.1.7``/``553 5.1.3`` for over-long local parts or domains,
             ``553 5.6.7`` for a non-ASCII address without SMTPUTF8.
     """
+    simple = simple_path(arg)
+    if simple is not None:
+        return simple, {}
+    return _parse_path(arg, smtputf8_allowed)
+
+
+def simple_path(arg: str) -> str | None:
+    """The address of an everyday ``FROM:<a@b.c>``/``TO:<a@b.c>`` argument, else None.
+
+    A shortcut of :func:`parse_path_argument` (several times cheaper):
+    for every argument it answers, the full parser gives the same address
+    and no parameters.
+    """
+    simple = _SIMPLE.fullmatch(arg)
+    if simple is None:
+        return None
+    address, domain = simple.group(1), simple.group(2)
+    if len(address) - len(domain) - 1 > MAX_LOCAL_PART or len(address) + 2 > MAX_PATH:
+        return None
+    if any(len(label) > 63 for label in domain.split(".")):
+        return None
+    return address
+
+
+def _parse_path(arg: str, smtputf8_allowed: bool) -> tuple[str, dict[str, str | None]]:
+    """:func:`parse_path_argument` without the shortcut."""
     match = _KEYWORD.match(arg)
     if match is None:
         raise AddressError("Syntax: MAIL FROM:<address> or RCPT TO:<address>")

@@ -136,7 +136,7 @@ def shutdown_summary(log: str) -> dict[str, int]:
             event = json.loads(line)
         except ValueError:
             continue
-        if str(event.get("log_format", "")).startswith("shutdown complete"):
+        if str(event.get("message", "")).startswith("shutdown complete"):
             return {k: event[k] for k in ("sessions_drained", "sessions_cut", "requests_drained", "requests_cut", "deliveries_cut")}
     raise AssertionError("no 'shutdown complete' event in the log")
 

@@ -71,6 +71,8 @@ class DefaultStartTests(SynchronousTestCase):
         with open(token_path) as f:
             token = f.read().strip()
         self.assertGreaterEqual(len(token), 40)
+        # Log lines are written by a background thread, within 0.2 s.
+        wait_until(lambda: token_path in daemon.log(), timeout=10)
         log = daemon.log()
         self.assertNotIn(token, log)
         self.assertIn(token_path, log)

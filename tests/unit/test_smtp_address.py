@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from gomail.errors import InvalidSyntax
-from gomail.smtp.address import AddressError, domain_of, parse_path_argument, safe_text
+from gomail.smtp.address import AddressError, _parse_path, domain_of, parse_path_argument, safe_text, simple_path
 
 
 class ParsePathTests(SynchronousTestCase):
@@ -195,6 +195,40 @@ class ParsePathTests(SynchronousTestCase):
     def test_dot_atoms_round_trip(self, local: str, domain: str) -> None:
         """Every valid dot-atom address parses to itself."""
         self.assertEqual(parse_path_argument(f"TO:<{local}@{domain}>", smtputf8_allowed=False)[0], f"{local}@{domain}")
+
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.sampled_from(["FROM:", "TO:", "from:", "To:", "FROM: ", "MAIL:"]),
+        st.from_regex(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~\-\"@\[\]]{0,70}", fullmatch=True),
+        st.from_regex(r"[A-Za-z0-9.\-\[\]:]{0,80}", fullmatch=True),
+        st.sampled_from(["", " SIZE=10", " ", "x"]),
+        st.booleans(),
+    )
+    def test_shortcut_agrees_with_full_parser(self, keyword: str, local: str, domain: str, tail: str, smtputf8: bool) -> None:
+        """Whatever the shortcut answers, the full parser answers the same."""
+        arg = f"{keyword}<{local}@{domain}>{tail}"
+        shortcut = simple_path(arg)
+        if shortcut is not None:
+            self.assertEqual(_parse_path(arg, smtputf8), (shortcut, {}))
+
+    def test_shortcut_takes_everyday_paths(self) -> None:
+        """Plain addresses take the shortcut; limits and oddities do not."""
+        self.assertEqual(simple_path("FROM:<bench@example.org>"), "bench@example.org")
+        self.assertEqual(simple_path("to:<a.b+tag@mx-1.example.com>"), "a.b+tag@mx-1.example.com")
+        for arg in (
+            "FROM:<>",
+            "FROM: <a@example.org>",
+            "TO:<a@example.com> NOTIFY=NEVER",
+            'TO:<"a b"@example.com>',
+            "TO:<a@[192.0.2.1]>",
+            "TO:<@relay.example:a@example.com>",
+            f"TO:<{'a' * 65}@example.com>",
+            f"TO:<a@{'b' * 64}.com>",
+            "TO:<a..b@example.com>",
+            "TO:<a@-example.com>",
+        ):
+            self.assertIsNone(simple_path(arg), arg)
 
 
 class DomainOfTests(SynchronousTestCase):
