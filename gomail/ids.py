@@ -57,12 +57,17 @@ def is_valid_id(value: str) -> bool:
     return bool(ID_PATTERN.match(value))
 
 
-def id_time(message_id: str) -> datetime:
-    """The UTC time encoded in an id."""
+def id_millis(message_id: str) -> int:
+    """The milliseconds since the epoch encoded in an id."""
     ms = 0
     for ch in message_id[:10]:
         ms = (ms << 5) | _DECODE[ch]
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return ms
+
+
+def id_time(message_id: str) -> datetime:
+    """The UTC time encoded in an id."""
+    return datetime.fromtimestamp(id_millis(message_id) / 1000, tz=UTC)
 
 
 _iso_second: tuple[int, str] = (-1, "")

@@ -52,6 +52,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application.service import Service
@@ -65,7 +66,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gomail.errors import GomailError, StorageFailed, Unavailable
-from gomail.ids import IdGenerator, id_time, is_valid_id, iso_utc
+from gomail.ids import IdGenerator, id_millis, is_valid_id, iso_utc
 from gomail.interfaces import Envelope, IMessageWriter, ISpool, StoredMessage
 from gomail.metrics import GomailMetrics
 
@@ -126,13 +127,21 @@ class SpoolLayout:
         self.journal = os.path.join(self.root, "journal")
         self.tmp = os.path.join(self.root, "tmp")
         self.messages = os.path.join(self.root, "messages")
+        self._day_dirs: dict[int, str] = {}
 
     def folders(self) -> tuple[str, ...]:
         return (self.root, self.journal, self.tmp, self.messages)
 
     def message_dir(self, message_id: str) -> str:
-        when = id_time(message_id)
-        return os.path.join(self.messages, f"{when:%Y}", f"{when:%m}", f"{when:%d}")
+        day = id_millis(message_id) // 86_400_000
+        found = self._day_dirs.get(day)
+        if found is None:
+            when = datetime.fromtimestamp(day * 86_400, tz=UTC)
+            found = os.path.join(self.messages, f"{when:%Y}", f"{when:%m}", f"{when:%d}")
+            if len(self._day_dirs) > 64:
+                self._day_dirs.clear()
+            self._day_dirs[day] = found
+        return found
 
     def raw_path(self, message_id: str) -> str:
         return os.path.join(self.message_dir(message_id), f"{message_id}.eml")
@@ -151,10 +160,27 @@ def write_message_files(layout: SpoolLayout, record: dict[str, Any], raw: bytes 
     record finds both complete.
     """
     message_id = record["id"]
-    os.makedirs(layout.message_dir(message_id), exist_ok=True)
-    if raw is not None:
-        _write_file(layout.raw_path(message_id), raw)
-    _write_atomic(layout.record_path(message_id), json.dumps(record, separators=(",", ":")).encode("utf-8"))
+    folder = layout.message_dir(message_id)
+    if folder not in _made_dirs:
+        os.makedirs(folder, exist_ok=True)
+        _made_dirs.add(folder)
+    data = json.dumps(record, separators=(",", ":")).encode("utf-8")
+
+    def write() -> None:
+        if raw is not None:
+            _write_file(os.path.join(folder, f"{message_id}.eml"), raw)
+        _write_atomic(os.path.join(folder, f"{message_id}.json"), data)
+
+    try:
+        write()
+    except FileNotFoundError:  # the folder was removed since we made it
+        os.makedirs(folder, exist_ok=True)
+        write()
+
+
+# Day folders this process has made (or found): checking for them before
+# every message cost two system calls each.
+_made_dirs: set[str] = set()
 
 
 def envelope_record(message_id: str, received_at: str, envelope: Envelope, size: int) -> dict[str, Any]:

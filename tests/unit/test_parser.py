@@ -6,13 +6,26 @@ import base64
 import hashlib
 import json
 import quopri
+from datetime import UTC, datetime, timedelta, timezone
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.utils import format_datetime
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from gomail.parser import header_addresses, parse_header_summary, parse_message
+from gomail.parser import (
+    _POLICY,
+    _date,
+    _Defects,
+    _parse_address_full,
+    header_addresses,
+    parse_header_summary,
+    parse_message,
+    simple_mailbox,
+)
 
 RESULT_KEYS = {
     "headers",
@@ -860,6 +873,60 @@ class PropertyTests(SynchronousTestCase):
         summary = parse_header_summary(raw, max_header_bytes=limit)
         self.assertEqual(set(summary), SUMMARY_KEYS)
         assert_json_ready(summary)
+
+
+class ShortcutTests(SynchronousTestCase):
+    """The shortcuts for everyday From/To values and dates agree with the full parsers."""
+
+    @PROPERTY_SETTINGS
+    @given(
+        name=st.from_regex(r"([A-Za-z0-9\-_.\"(),=?]{0,8}[ \t]{0,2}){0,3}", fullmatch=True),
+        local=st.from_regex(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~\-\"]{0,12}", fullmatch=True),
+        domain=st.from_regex(r"[A-Za-z0-9.\-\[\]]{0,20}", fullmatch=True),
+        form=st.sampled_from(["{name} <{local}@{domain}>", "<{local}@{domain}>", "{local}@{domain}", " {name}<{local}@{domain}> ", "{name}"]),
+    )
+    def test_mailbox_shortcut_agrees(self, name: str, local: str, domain: str, form: str) -> None:
+        """Whatever the shortcut reads, the header parser reads the same, without defects."""
+        entry = form.format(name=name, local=local, domain=domain)
+        simple = simple_mailbox(entry)
+        if simple is None:
+            return
+        msg = EmailMessage(policy=_POLICY)
+        defects = _Defects()
+        self.assertEqual(_parse_address_full(msg, "To", entry, "to", defects), [simple])
+        self.assertEqual(defects.as_list(), [])
+
+    def test_mailbox_shortcut_takes_everyday_forms(self) -> None:
+        """Plain forms take the shortcut; quoted, encoded or commented ones do not."""
+        self.assertEqual(simple_mailbox("Bench Mark <bench@example.org>"), {"address": "bench@example.org", "name": "Bench Mark"})
+        self.assertEqual(simple_mailbox(" <a.b@example.org>"), {"address": "a.b@example.org", "name": None})
+        self.assertEqual(simple_mailbox("a+b@mx.example.org"), {"address": "a+b@mx.example.org", "name": None})
+        for entry in ('"Smith, J" <j@example.org>', "=?utf-8?q?J=C3=BCrgen?= <j@example.org>", "J. Smith <j@example.org>", "j@example.org (J)", "Group: a@b.c;"):
+            self.assertIsNone(simple_mailbox(entry), entry)
+
+    @PROPERTY_SETTINGS
+    @given(
+        moment=st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1)),
+        offset=st.integers(min_value=-23 * 60, max_value=23 * 60),
+        garble=st.sampled_from(["", " ", "x", " (comment)", "\r\n ", "-0000"]),
+    )
+    def test_date_shortcut_agrees(self, moment: datetime, offset: int, garble: str) -> None:
+        """A date read directly gives what the DateHeader path gives."""
+        text = format_datetime(moment.replace(microsecond=0, tzinfo=timezone(timedelta(minutes=offset)))) + garble
+        fast = _date(_raw_date_message(text), _Defects())
+        header = _POLICY.header_fetch_parse("Date", text.replace("\r", "").replace("\n", ""))
+        slow = header.datetime
+        if slow is None:
+            self.assertIsNone(fast)
+            return
+        if slow.tzinfo is None:
+            slow = slow.replace(tzinfo=UTC)
+        self.assertEqual(fast, slow.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z")
+
+
+def _raw_date_message(text: str) -> Any:
+    """A parsed message whose Date header is ``text`` exactly."""
+    return BytesHeaderParser(policy=_POLICY).parsebytes(b"Date: " + text.encode("ascii") + b"\r\n\r\n")
 
 
 class HeaderAddressesTests(SynchronousTestCase):
