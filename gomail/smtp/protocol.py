@@ -7,9 +7,12 @@ writer, never held whole in memory.
 
 Replies always come out in command order.  A command whose reply depends on
 something asynchronous (the spool's commit, the limiter, a tarpit delay)
-pauses input: further pipelined bytes stay in the buffer, and the transport
-stops reading, until the reply has been sent.  The writer's back-pressure
-pauses input the same way.
+holds input: further pipelined bytes stay in the buffer until the reply has
+been sent; the transport stops reading only once 64 KiB have piled up (a
+client sending one command at a time never gets there, and pausing costs
+two system calls).  The writer's back-pressure stops reading at once.
+Replies are sent with one ``send()`` when nothing is queued before them
+(:mod:`gomail.smtp.writes`).
 
 Input parsing is our own loop rather than ``LineReceiver.dataReceived``: that
 one throws away everything buffered after a line that is too long (we answer
