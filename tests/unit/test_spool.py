@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -273,3 +276,66 @@ class RecoveryTests(SpoolTestBase):
         spool.mark_done(b.id)
         self.reactor.advance(2.0)
         self.assertNotIn(first_segment, os.listdir(spool.layout.journal))
+
+
+class LingeringCommitterTests(SpoolTestBase):
+    """With ``commit_linger``, the committer thread waits for more work instead of leaving."""
+
+    def run_committer(self, spool: Spool) -> threading.Thread:
+        """Run the queued committer loop in a real thread (as the pool would)."""
+        self.assertEqual(len(self.pool.queue), 1)
+        thread = threading.Thread(target=self.pool.run_one, daemon=True)
+        thread.start()
+        return thread
+
+    def wait_for(self, predicate: Callable[[], object]) -> None:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            self.assertLess(time.monotonic(), deadline, "timed out")
+            time.sleep(0.005)
+
+    def test_next_message_needs_no_new_hand_off(self) -> None:
+        """A message arriving while the committer lingers is committed by the same thread run."""
+        spool = self.make_spool(auto=False, commit_linger=30.0)
+        first = spool.store(ENVELOPE, RAW)
+        thread = self.run_committer(spool)
+        self.wait_for(lambda: first.called)
+        second = spool.store(ENVELOPE, RAW)
+        self.wait_for(lambda: second.called)
+        self.assertEqual(self.pool.queue, [])  # no second trip through the pool
+        self.assertEqual(len(self.stored), 2)
+        self.assertTrue(thread.is_alive())
+        d = spool.stopService()
+        thread.join(10)
+        self.assertFalse(thread.is_alive())  # stopping wakes it at once
+        self.pool.auto = True
+        self.pool.run_all()
+        self.successResultOf(d)
+
+    def test_checkpoint_runs_between_batches(self) -> None:
+        """A checkpoint due while the committer lingers runs in the committer's thread."""
+        spool = self.make_spool(auto=False, commit_linger=30.0)
+        stored = spool.store(ENVELOPE, RAW)
+        thread = self.run_committer(spool)
+        self.wait_for(lambda: stored.called)
+        first_segment = sorted(os.listdir(spool.layout.journal))[0]
+        spool.mark_done(self.successResultOf(stored).id)
+        self.reactor.advance(2.0)  # the periodic checkpoint finds the committer busy
+        self.wait_for(lambda: first_segment not in os.listdir(spool.layout.journal))
+        self.assertEqual(self.pool.queue, [])
+        self.assertTrue(thread.is_alive())
+        d = spool.stopService()
+        thread.join(10)
+        self.pool.auto = True
+        self.pool.run_all()
+        self.successResultOf(d)
+
+    def test_idle_committer_leaves(self) -> None:
+        """Without more work the committer returns its thread after the linger."""
+        spool = self.make_spool(auto=False, commit_linger=0.05)
+        stored = spool.store(ENVELOPE, RAW)
+        thread = self.run_committer(spool)
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+        self.assertTrue(stored.called)
+        self.successResultOf(spool.wait_idle())
