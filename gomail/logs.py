@@ -85,7 +85,8 @@ def event_as_json(event: dict[str, Any]) -> str:
             out["traceback"] = failure.getTraceback()
         except Exception:  # noqa: BLE001 - never let logging raise
             out["traceback"] = repr(failure)
-    return json.dumps(out, ensure_ascii=False, separators=(",", ":"), default=repr)
+    # ASCII escapes: any stream encoding takes it, lone surrogates included.
+    return json.dumps(out, separators=(",", ":"), default=repr)
 
 
 @implementer(ILogObserver)
@@ -105,7 +106,8 @@ class JSONLinesObserver:
         self._lines: list[str] = []
         self._size = 0
         self._dropped = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the buffer, held briefly by loggers
+        self._write_lock = threading.Lock()  # one writer at a time: lines never interleave
         self._urgent = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="gomail-log-writer", daemon=True)
@@ -129,18 +131,19 @@ class JSONLinesObserver:
 
     def flush(self) -> None:
         """Write what is buffered now (also called at exit)."""
-        with self._lock:
-            lines, self._lines, self._size = self._lines, [], 0
-            dropped, self._dropped = self._dropped, 0
-        if dropped:
-            lines.append(json.dumps({"time": iso_utc(time.time()), "level": "warn", "message": f"{dropped} log lines dropped: the log stream was blocked"}) + "\n")
-        if not lines:
-            return
-        try:
-            self._stream.write("".join(lines))
-            self._stream.flush()
-        except (OSError, ValueError):  # closed or broken stream: nothing better to do
-            pass
+        with self._write_lock:
+            with self._lock:
+                lines, self._lines, self._size = self._lines, [], 0
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                lines.append(json.dumps({"time": iso_utc(time.time()), "level": "warn", "message": f"{dropped} log lines dropped: the log stream was blocked"}) + "\n")
+            if not lines:
+                return
+            try:
+                self._stream.write("".join(lines))
+                self._stream.flush()
+            except (OSError, ValueError):  # closed or broken stream: nothing better to do
+                pass
 
     def close(self) -> None:
         """Write what is buffered and stop the writer thread."""

@@ -411,7 +411,14 @@ class Spool(Service):
         self._linger = commit_linger
         self._queue: list[_Commit] = []
         self._committing = False
-        self._checkpoint_wanted: tuple[int, bool] | None = None
+        self._checkpoint_wanted: bool | None = None  # a checkpoint is due (rotate?)
+        # journal segment -> its messages appended but not yet processed.
+        # Counted by the committer when it appends, before the reply goes
+        # out, and decremented by mark_done: a checkpoint reads it under the
+        # lock when it runs, so it never deletes a segment holding a message
+        # that was just appended (its acknowledgement still on its way to
+        # the reactor) or accepted and not yet processed.
+        self._live: dict[int, int] = {}
         self._idle_waiters: list[Deferred[None]] = []
         self._journal_fd: int | None = None
         self._journal_seq = 0
@@ -484,7 +491,7 @@ class Spool(Service):
         with self._lock:
             self._committing = True  # no batch while the last checkpoint runs
         try:
-            await self._in_thread(self._checkpoint, self._deletable_segments())
+            await self._in_thread(self._checkpoint)
         finally:
             self._checkpoint_done()
         await self.wait_idle()
@@ -552,7 +559,9 @@ class Spool(Service):
                     return
                 batch, self._queue = self._queue, []
             if checkpoint is not None:
-                self._checkpoint_between_batches(*checkpoint)
+                self._checkpoint_between_batches(checkpoint)
+            if not batch:
+                continue
             if self._metrics is not None:
                 self._metrics.spool_commit_batch.observe(len(batch))
             try:
@@ -562,10 +571,10 @@ class Spool(Service):
                 for item in batch:
                     self._threads.callFromThread(self._fail, item, StorageFailed(f"internal error while storing: {e!r}"))
 
-    def _checkpoint_between_batches(self, upto: int, rotate: bool) -> None:
+    def _checkpoint_between_batches(self, rotate: bool) -> None:
         """Committer thread: a checkpoint asked for while the committer was busy."""
         try:
-            self._checkpoint(upto, rotate)
+            self._checkpoint(rotate)
         except Exception:  # noqa: BLE001 - logged; the next checkpoint tries again
             self._log.failure("checkpoint failed")
 
@@ -609,6 +618,8 @@ class Spool(Service):
                 self._fail_from_thread(item, e)
             return
         self._last_error = None
+        with self._lock:
+            self._live[seq] = self._live.get(seq, 0) + len(good)
         self._threads.callFromThread(self._acknowledge, good, seq)
 
     def _fail_from_thread(self, item: _Commit, error: BaseException) -> None:
@@ -675,7 +686,14 @@ class Spool(Service):
 
     def mark_done(self, message_id: str) -> None:
         """Reactor thread: the message is processed (files written, handed on)."""
-        if self._unprocessed.pop(message_id, None) is not None:
+        seq = self._unprocessed.pop(message_id, None)
+        if seq is not None:
+            with self._lock:
+                left = self._live.get(seq, 0) - 1
+                if left > 0:
+                    self._live[seq] = left
+                else:
+                    self._live.pop(seq, None)
             self._done_since_checkpoint += 1
             if self._metrics is not None:
                 self._metrics.child(self._metrics.spool_messages, "unprocessed").set(len(self._unprocessed))
@@ -692,11 +710,6 @@ class Spool(Service):
         self._journal_size = 0
         _fsync_dir(self.layout.journal)
 
-    def _deletable_segments(self) -> int:
-        """Segments numbered up to this one hold no unprocessed message."""
-        oldest = min(self._unprocessed.values(), default=self._journal_seq + 1)
-        return oldest - 1
-
     def _periodic_checkpoint(self) -> None:
         if not (self._done_since_checkpoint or self._journal_size > self._journal_max):
             return
@@ -706,19 +719,20 @@ class Spool(Service):
                 # The committer is busy (or lingering): it runs the
                 # checkpoint between two batches.
                 if self._committing and self._checkpoint_wanted is None:
-                    self._checkpoint_wanted = (self._deletable_segments(), rotate)
+                    self._checkpoint_wanted = rotate
                     self._done_since_checkpoint = 0
                     self._more.notify()
                 return
             self._committing = True  # the committer waits for the checkpoint
         self._done_since_checkpoint = 0
-        d = self._in_thread(self._checkpoint, self._deletable_segments(), rotate)
+        d = self._in_thread(self._checkpoint, rotate)
         d.addErrback(lambda f: self._log.failure("checkpoint failed", f))
         d.addBoth(lambda _: self._checkpoint_done())
 
     def _checkpoint_done(self) -> None:
         """Reactor: commit what arrived during the checkpoint, or go idle."""
         with self._lock:
+            self._checkpoint_wanted = None  # one asked for meanwhile: this one did it
             resume = bool(self._queue)
             self._committing = resume
         if resume:
@@ -726,13 +740,17 @@ class Spool(Service):
         else:
             self._maybe_idle()
 
-    def _checkpoint(self, upto: int, rotate: bool = True) -> None:
+    def _checkpoint(self, rotate: bool = True) -> None:
         """Committer thread: sync the written files, then drop old segments.
 
         One ``syncfs`` covers every message file and delivery job written
         since the previous checkpoint; only then are the journal segments
-        whose messages are all processed deleted.
+        whose messages are all processed deleted.  Runs only while no batch
+        is being appended (in the committer, or with ``_committing`` held).
         """
+        with self._lock:
+            oldest_live = min(self._live, default=None)
+        upto = self._journal_seq if oldest_live is None else min(self._journal_seq, oldest_live - 1)
         if rotate and self._journal_size > 0 and self._journal_fd is not None:
             old = self._journal_fd
             self._open_segment()
@@ -775,6 +793,7 @@ class Spool(Service):
                     continue
                 pending.append((record, None))
                 self._unprocessed[message_id] = seq
+                self._live[seq] = self._live.get(seq, 0) + 1
         if segments and not pending:
             _sync_filesystem(self.layout.root)
             for name in segments:

@@ -32,12 +32,13 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gomail.errors import GomailError
 from gomail.interfaces import Envelope, IMessageWriter, StoredMessage
@@ -78,8 +79,13 @@ def _rfc5322_date(now: float) -> str:
     return text
 
 
+@implementer(IHalfCloseableProtocol)
 class SMTPServerProtocol(LineReceiver):
     """One SMTP session.
+
+    A client that half-closes (``shutdown(SHUT_WR)`` after its last
+    command) still gets every reply: input already read is answered, pending
+    commits included, and then the connection is closed.
 
     Attributes:
         factory: The factory that made this session (settings, spool, policy).
@@ -105,6 +111,7 @@ class SMTPServerProtocol(LineReceiver):
         self._pauses: set[object] = set()
         self._send: Callable[[bytes], None] = self._not_connected
         self._reading_paused = False
+        self._read_closed = False
         self._write_tokens: set[object] = set()
         self._write_waits: set[Deferred[Any]] = set()
         self._closing = False
@@ -307,6 +314,27 @@ class SMTPServerProtocol(LineReceiver):
             if self._pos:
                 del self._buf[: self._pos]
                 self._pos = 0
+        if self._read_closed and not self._pauses:
+            self._input_ended()
+
+    def readConnectionLost(self) -> None:
+        """The client sends nothing more: answer what it sent, then close."""
+        self._read_closed = True
+        self.dataReceived(b"")
+
+    def writeConnectionLost(self) -> None:
+        """Our side was half-closed (we never do that): close the rest."""
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _input_ended(self) -> None:
+        """Everything the client sent before its half-close has been answered."""
+        if self._closing or self._closed:
+            return
+        self._log.debug("SMTP session {session}: the client closed its side", session=self.session_id)
+        self._closing = True
+        self._cancel_timers()
+        self._discard_writer()
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _process(self) -> None:
         buf = self._buf
@@ -514,13 +542,15 @@ class SMTPServerProtocol(LineReceiver):
         fired = False
 
         def failed(failure: Failure) -> None:
-            if self._closed or self._closing:
-                if not failure.check(CancelledError):
-                    self._log.failure("error after SMTP session {session} closed", failure, session=self.session_id)
-            else:
-                self._log.failure("error in {command} in SMTP session {session}", failure, command=self._command, session=self.session_id)
-                self._internal_error()
-            done(None)
+            try:
+                if self._closed or self._closing:
+                    if not failure.check(CancelledError):
+                        self._log.failure("error after SMTP session {session} closed", failure, session=self.session_id)
+                else:
+                    self._log.failure("error in {command} in SMTP session {session}", failure, command=self._command, session=self.session_id)
+                    self._internal_error()
+            finally:
+                done(None)
 
         def done(_: object) -> None:
             nonlocal fired
@@ -1061,42 +1091,38 @@ class SMTPServerProtocol(LineReceiver):
             await pending
 
     def _commit_or_refuse(self, rejection: Rejection | None) -> Deferred[Any] | None:
-        """Start the commit (a Deferred that answers when it fires), or answer now."""
+        """Start the commit (a Deferred that answers when it fires), or answer now.
+
+        Whatever happens, the transaction ends exactly once, after the reply.
+        """
         writer = self._writer
         if rejection is None:
             rejection = self._failure
         if rejection is not None or writer is None:
             failure = rejection or Rejection(451, "4.3.0", "Error: internal error", "internal")
-            self._log.info(
-                "SMTP session {session}: message refused: {code} {enhanced} {text}",
-                session=self.session_id,
-                code=failure.code,
-                enhanced=failure.enhanced,
-                text=failure.text,
-            )
-            self._rejected(failure.category)
-            self._reply(failure.code, failure.enhanced, failure.text)
-            self._end_transaction(None)
+            try:
+                self._log.info(
+                    "SMTP session {session}: message refused: {code} {enhanced} {text}",
+                    session=self.session_id,
+                    code=failure.code,
+                    enhanced=failure.enhanced,
+                    text=failure.text,
+                )
+                self._rejected(failure.category)
+                self._reply(failure.code, failure.enhanced, failure.text)
+            finally:
+                self._end_transaction(None)
             return None
         envelope = self._envelope()
         self._committing = True
         try:
             result = writer.commit(envelope)
         except Exception as error:  # noqa: BLE001 - answered like a failed commit
-            try:
-                self._commit_failed(Failure(error))
-            finally:
-                self._end_transaction(None)
-            return None
-        if not isinstance(result, Deferred):
-            try:
-                self._committed(result, writer, envelope)
-            finally:
-                self._end_transaction(None)
-            return None
-        result.addCallbacks(self._committed, self._commit_failed, callbackArgs=(writer, envelope))
-        result.addBoth(self._end_transaction)
-        return result
+            result = fail(error)
+        pending = result if isinstance(result, Deferred) else succeed(result)
+        pending.addCallbacks(self._committed, self._commit_failed, callbackArgs=(writer, envelope))
+        pending.addBoth(self._end_transaction)
+        return pending
 
     def _committed(self, stored: object, writer: IMessageWriter, envelope: Envelope) -> None:
         message_id = stored.id if isinstance(stored, StoredMessage) else writer.id

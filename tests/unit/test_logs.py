@@ -134,3 +134,47 @@ class ObserverTests(SynchronousTestCase):
         stream.close()
         observer(event(log_format="lost"))
         observer.flush()
+
+
+class RobustnessTests(SynchronousTestCase):
+    """Odd text and concurrent flushes never cost lines or mangle them."""
+
+    def test_lone_surrogate_and_non_ascii(self) -> None:
+        """Text any encoder would choke on is escaped, not dropped with its neighbours."""
+        stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+        observer = logs.JSONLinesObserver(stream, interval=60.0)
+        self.addCleanup(observer.close)
+        observer(event(log_format="before"))
+        observer(event(log_format="odd {x}", x="\udcff für"))
+        observer(event(log_format="after"))
+        observer.flush()
+        stream.seek(0)
+        self.assertEqual([json.loads(line)["message"] for line in stream.read().splitlines()], ["before", "odd \udcff für", "after"])
+
+    def test_concurrent_flushes_keep_lines_whole(self) -> None:
+        """Flushing from several threads at once (the writer thread and exit) never interleaves lines."""
+        import threading
+
+        class SlowStream(io.StringIO):
+            def write(self, text: str) -> int:
+                for i in range(0, len(text), 7):  # a stream that takes its input in small pieces
+                    super().write(text[i : i + 7])
+                    time.sleep(0)
+                return len(text)
+
+        stream = SlowStream()
+        observer = logs.JSONLinesObserver(stream, interval=0.001)
+        self.addCleanup(observer.close)
+        threads = []
+        for n in range(4):
+            for i in range(200):
+                observer(event(log_format="line {n} {i}", n=n, i=i))
+            threads.append(threading.Thread(target=observer.flush))
+            threads[-1].start()
+        for thread in threads:
+            thread.join(10)
+        observer.close()
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 800)
+        for line in lines:
+            json.loads(line)

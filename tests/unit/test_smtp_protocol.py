@@ -677,6 +677,18 @@ class PipeliningTests(SMTPTestCase):
         self.spool.fail_commit(StorageFailed("Error: disk full"))
         self.assertEqual(session.replies(), ["452 4.3.1 Error: disk full", "250 2.0.0 Ok"])
 
+    def test_bug_while_answering_a_commit(self) -> None:
+        """A bug after the commit gets 451 4.3.0; the transaction ends and the session goes on."""
+        session = self.ready()
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("bug")
+
+        self.patch(session.proto, "_committed", broken)
+        replies = session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\nNOOP\r\nMAIL FROM:<c@d.org>\r\n")
+        self.assertEqual(replies[3:], ["451 4.3.0 Error: internal error", "250 2.0.0 Ok", "250 2.1.0 Ok"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_pending_bdat_commit(self) -> None:
         """BDAT LAST with a pending commit holds the next replies too."""
         self.spool.auto_commit = False
@@ -708,6 +720,50 @@ class PipeliningTests(SMTPTestCase):
         session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\n")
         self.assertEqual(session.send(b"NOOP\r\n" * 200000), ["421 4.7.0 mx.example.com Error: too much pipelined input"])
         self.assertTrue(session.closing)
+
+
+class HalfCloseTests(SMTPTestCase):
+    """A client that shuts down its sending side still gets its replies."""
+
+    def test_pending_commit_answered_before_close(self) -> None:
+        """Half-closed with a commit pending: 250 and 221 go out, then the close."""
+        self.spool.auto_commit = False
+        session = self.ready()
+        self.assertEqual(
+            session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\nQUIT\r\n"),
+            ["250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"],
+        )
+        session.proto.readConnectionLost()
+        self.assertFalse(session.closing)
+        self.spool.fire_commit()
+        self.assertEqual(session.replies(), ["250 2.0.0 Ok: queued as MSG0001", "221 2.0.0 Bye"])
+        self.assertTrue(session.closing)
+
+    def test_without_quit(self) -> None:
+        """Everything sent is answered, then the server closes by itself."""
+        self.spool.auto_commit = False
+        session = self.ready()
+        session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\nNOOP\r\n")
+        session.proto.readConnectionLost()
+        self.spool.fire_commit()
+        self.assertEqual(session.replies(), ["250 2.0.0 Ok: queued as MSG0001", "250 2.0.0 Ok"])
+        self.assertTrue(session.closing)
+
+    def test_inside_data(self) -> None:
+        """Half-closed in the middle of a message: nothing is stored, the connection closes."""
+        session = self.ready()
+        session.send(ENVELOPE + b"DATA\r\npartial line")
+        session.proto.readConnectionLost()
+        self.assertTrue(session.closing)
+        self.assertTrue(self.spool.writers[0].aborted)
+        self.assertEqual(self.spool.committed, [])
+
+    def test_idle(self) -> None:
+        """Half-closed with nothing pending: closed at once, timers cancelled."""
+        session = self.ready()
+        session.proto.readConnectionLost()
+        self.assertTrue(session.closing)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class BdatTests(SMTPTestCase):

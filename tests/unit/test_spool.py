@@ -339,3 +339,36 @@ class LingeringCommitterTests(SpoolTestBase):
         self.assertFalse(thread.is_alive())
         self.assertTrue(stored.called)
         self.successResultOf(spool.wait_idle())
+
+    def test_checkpoint_keeps_a_segment_whose_batch_is_not_yet_acknowledged(self) -> None:
+        """A checkpoint that runs while a batch is synced but its reply is on its
+        way to the reactor keeps that batch's segment (a crash then loses nothing)."""
+        spool = self.make_spool(auto=False, commit_linger=30.0)
+        first = spool.store(ENVELOPE, RAW)
+        thread = self.run_committer(spool)
+        self.wait_for(lambda: first.called)
+        spool.mark_done(self.successResultOf(first).id)  # nothing unprocessed now
+        synced, release = threading.Event(), threading.Event()
+        append = spool._append_journal
+
+        def append_then_wait(items: list[Any]) -> int:
+            seq = append(items)
+            synced.set()
+            release.wait(10)
+            return seq
+
+        spool._append_journal = append_then_wait  # type: ignore[method-assign]
+        second = spool.store(ENVELOPE, RAW)
+        self.assertTrue(synced.wait(10))
+        self.reactor.advance(2.0)  # the checkpoint comes due now
+        release.set()
+        self.wait_for(lambda: second.called)
+        second_id = self.successResultOf(second).id
+        self.wait_for(lambda: len(os.listdir(spool.layout.journal)) == 2)  # the checkpoint rotated
+        in_journal = [r["id"] for n in sorted(os.listdir(spool.layout.journal)) for r, _ in _read_journal(os.path.join(spool.layout.journal, n))]
+        self.assertIn(second_id, in_journal)
+        # A crash now: a new spool on the same folder replays the message.
+        again = Spool(self.dir, ThreadlessReactor(), ManualThreadPool(auto=True), None)
+        self.assertIn(second_id, [record["id"] for record, _ in again.recover()])
+        spool.stopService()
+        thread.join(10)
