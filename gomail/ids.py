@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -70,22 +71,37 @@ def id_time(message_id: str) -> datetime:
     return datetime.fromtimestamp(id_millis(message_id) / 1000, tz=UTC)
 
 
-_iso_second: tuple[int, str] = (-1, "")
+class PerSecond:
+    """A formatter of whole seconds that formats each second once.
+
+    ``strftime`` and friends cost microseconds; at thousands of messages a
+    second the same second is formatted over and over.  The last answer is
+    kept in one tuple, so threads may share an instance.
+
+    Args:
+        render: Formats a whole second (Unix time) as text.
+    """
+
+    def __init__(self, render: Callable[[int], str]) -> None:
+        self._render = render
+        self._last: tuple[int, str] = (-1, "")
+
+    def __call__(self, second: int) -> str:
+        """The text of ``second``."""
+        cached, text = self._last
+        if cached != second:
+            text = self._render(second)
+            self._last = (second, text)
+        return text
+
+
+_iso_seconds = PerSecond(lambda second: datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def iso_utc(now: float) -> str:
-    """ISO 8601 UTC with milliseconds and a ``Z``.
-
-    The text up to the seconds is formatted once per second: ``strftime``
-    is a measurable share of the per-message work at thousands a second.
-    """
-    global _iso_second
+    """ISO 8601 UTC with milliseconds and a ``Z``."""
     second, fraction = divmod(round(now * 1_000_000), 1_000_000)
-    cached, text = _iso_second  # one tuple: safe to share between threads
-    if cached != second:
-        text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _iso_second = (second, text)
-    return f"{text}.{fraction // 1000:03d}Z"
+    return f"{_iso_seconds(second)}.{fraction // 1000:03d}Z"
 
 
 _request_ids = random.Random(os.urandom(32))

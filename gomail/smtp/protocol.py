@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gomail.errors import GomailError
+from gomail.ids import PerSecond
 from gomail.interfaces import Envelope, IMessageWriter, StoredMessage
 from gomail.smtp.address import AddressError, domain_of, parse_path_argument, safe_text
 from gomail.smtp.data import DataDecoder, Rejection
@@ -65,18 +66,8 @@ _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 _HELP = "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
 
 
-_date_cache: tuple[int, str] = (-1, "")
-
-
-def _rfc5322_date(now: float) -> str:
-    """``now`` as an RFC 5322 date (UTC), formatted once per second."""
-    global _date_cache
-    second = int(now)
-    cached, text = _date_cache
-    if cached != second:
-        text = format_datetime(datetime.fromtimestamp(second, UTC))
-        _date_cache = (second, text)
-    return text
+# The Received header's date, formatted once per second.
+_rfc5322_date = PerSecond(lambda second: format_datetime(datetime.fromtimestamp(second, UTC)))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -907,7 +898,7 @@ class SMTPServerProtocol(LineReceiver):
             client = "(unknown)"
         else:
             client = f"(unknown [{'IPv6:' + host if ':' in host else host}])"
-        when = _rfc5322_date(self._clock.seconds())
+        when = _rfc5322_date(int(self._clock.seconds()))
         header = (
             f"Received: from {self._helo or 'unknown'} {client}\r\n"
             f"\tby {self._hostname} (gomail) with {self._protocol_name()} id {writer.id}"
@@ -1126,6 +1117,7 @@ class SMTPServerProtocol(LineReceiver):
 
     def _committed(self, stored: object, writer: IMessageWriter, envelope: Envelope) -> None:
         message_id = stored.id if isinstance(stored, StoredMessage) else writer.id
+        self._reply(250, "2.0.0", f"Ok: queued as {message_id}")  # the client first, then the log
         self._log.info(
             "queued {msg_id} from {peer} in SMTP session {session}: {size} bytes, {rcpts} recipients",
             msg_id=message_id,
@@ -1134,7 +1126,6 @@ class SMTPServerProtocol(LineReceiver):
             size=self._size,
             rcpts=len(envelope.rcpt_to),
         )
-        self._reply(250, "2.0.0", f"Ok: queued as {message_id}")
 
     def _commit_failed(self, failure: Failure) -> None:
         error = failure.value
