@@ -102,11 +102,12 @@ def _str(default: str | None, doc: str, *, secret: bool = False) -> Key:
     return Key(check, default, doc, {"type": ["string", "null"] if default is None else "string"}, secret)
 
 
-def _int(default: int | None, doc: str, lo: int = 0) -> Key:
-    check = vol.All(vol.Coerce(int), vol.Range(min=lo))
+def _int(default: int | None, doc: str, lo: int = 0, hi: int | None = None) -> Key:
+    check = vol.All(vol.Coerce(int), vol.Range(min=lo, max=hi))
+    bounds = {"minimum": lo} if hi is None else {"minimum": lo, "maximum": hi}
     if default is None:
-        return Key(vol.Any(None, check), None, doc, {"type": ["integer", "null"], "minimum": lo})
-    return Key(check, default, doc, {"type": "integer", "minimum": lo})
+        return Key(vol.Any(None, check), None, doc, {"type": ["integer", "null"], **bounds})
+    return Key(check, default, doc, {"type": "integer", **bounds})
 
 
 def _num(default: float | None, doc: str) -> Key:
@@ -160,6 +161,7 @@ SPEC: dict[str, Any] = {
     "shutdown_timeout": _dur(30.0, "Longest graceful drain on SIGTERM/SIGINT before connections are cut."),
     "io_threads": _int(4, "Threads for file I/O (the reactor thread never blocks).", 1),
     "parser_processes": _int(None, "Processes that parse messages after acceptance (default: CPUs - 1, at least 1; 0 = parse in threads)."),
+    "parser_nice": _int(19, "CPU niceness of the parser processes (0-19): 19 lets acceptance go first during a burst; lower it on a host shared with busy programs.", 0, 19),
     "http": {
         "listen": Key(endpoint, "tcp:3000:interface=127.0.0.1", "HTTP API endpoint (Twisted endpoint string).", {"type": "string"}),
         "bearer_token": _str(None, "Bearer token for the API; generated into data_dir/http-token on first start when unset.", secret=True),
@@ -279,6 +281,7 @@ class Config:
     shutdown_timeout: float
     io_threads: int
     parser_processes: int | None
+    parser_nice: int
     http: HTTPConfig
     smtp: SMTPConfig
     rate_limit: RateLimitRules
@@ -601,6 +604,7 @@ def _build(c: dict[str, Any], warnings: tuple[str, ...]) -> Config:
         shutdown_timeout=c["shutdown_timeout"],
         io_threads=c["io_threads"],
         parser_processes=c["parser_processes"],
+        parser_nice=c["parser_nice"],
         http=HTTPConfig(h["listen"], h.get("bearer_token"), h["allow_weak_token"], h["max_body_size"], h["metrics"], h["request_timeout"]),
         smtp=SMTPConfig(s["enabled"], s["listen"], smtp),
         rate_limit=rules,

@@ -200,8 +200,9 @@ def prepare_message(root: str, record: dict[str, Any], raw: bytes | None, state:
     return full
 
 
-def die_with_parent() -> None:
-    """Parser process start-up: exit when the daemon dies, even by SIGKILL.
+def die_with_parent(nice: int = 19) -> None:
+    """Parser process start-up: exit when the daemon dies, even by SIGKILL;
+    run at CPU niceness ``nice``.
 
     Without this a killed daemon leaves its parser processes (and
     multiprocessing's resource tracker) running forever.
@@ -220,12 +221,17 @@ def die_with_parent() -> None:
     # Accepting mail comes first: parsing can catch up after a burst, a
     # client kept waiting for its reply cannot.
     try:
-        os.nice(19)
+        os.nice(nice)
     except OSError:  # pragma: no cover
         pass
 
 
-def parser_processes(workers: int | None = None) -> ProcessPoolExecutor:
+def parser_processes(workers: int | None = None, nice: int = 19) -> ProcessPoolExecutor:
     """A pool of parser processes (spawned, not forked: the daemon has threads)."""
     count = workers or max(1, (os.cpu_count() or 2) - 1)
-    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
+    return ProcessPoolExecutor(
+        max_workers=count,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=die_with_parent,
+        initargs=(nice,),
+    )

@@ -259,7 +259,7 @@ def build_service(
 
     root.processor = MessageProcessor(root.spool, reactor, work_pool.pool, root.delivery)
     if config.parser_processes != 0:
-        root.parsers = ExecutorService("gomail-parsers", lambda: parser_processes(config.parser_processes or None))
+        root.parsers = ExecutorService("gomail-parsers", lambda: parser_processes(config.parser_processes or None, config.parser_nice))
     root.spool.on_stored = root.processor.message_stored
 
     root.api = HTTPApi(

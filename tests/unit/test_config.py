@@ -36,6 +36,15 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(c.delivery.max_age, 259200)
         self.assertEqual(c.shutdown_timeout, 30)
 
+    def test_parser_nice_is_bounded(self) -> None:
+        """parser_nice defaults to 19 and takes 0-19 only."""
+        self.assertEqual(load(None, {}, {}).parser_nice, 19)
+        self.assertEqual(load(None, {"GOMAIL_PARSER_NICE": "5"}, {}).parser_nice, 5)
+        with self.assertRaises(ConfigError) as ctx:
+            load(None, {}, {"parser_nice": 20})
+        self.assertEqual([p for p, _ in ctx.exception.errors], ["parser_nice"])
+        self.assertEqual(config.json_schema()["properties"]["parser_nice"]["maximum"], 19)
+
     def test_precedence_flag_over_env_over_file(self) -> None:
         """A flag beats the environment, which beats the file, which beats the default."""
         path = self.write("hostname: file.example\nsmtp:\n  max_recipients: 7\n  idle_timeout: 5m\ndomains: [a.example]\n")
