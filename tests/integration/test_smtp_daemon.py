@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import subprocess
 import threading
 from email.message import EmailMessage
@@ -52,6 +53,25 @@ class SMTPDaemonTests(SynchronousTestCase):
         raw = self.daemon.read_raw(message_id)
         self.assertTrue(raw.startswith(b"Received: from client.test"), raw[:200])
         self.assertTrue(raw.endswith(RAW))
+
+    def test_half_closing_client_gets_every_reply(self) -> None:
+        """A pipelining client that shuts down its sending side after QUIT
+        still reads its 250 and 221 (the commit finishes after the EOF)."""
+        with socket.create_connection(("127.0.0.1", self.daemon.smtp_port), timeout=30) as s:
+            s.sendall(
+                b"EHLO client.test\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<someone@example.com>\r\nDATA\r\n"
+                + RAW
+                + b".\r\nQUIT\r\n"
+            )
+            s.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := s.recv(65536):
+                received += chunk
+        replies = received.decode().splitlines()
+        self.assertRegex(replies[-2], r"^250 2\.0\.0 Ok: queued as [0-9A-Z]{26}$")
+        self.assertEqual(replies[-1], "221 2.0.0 Bye")
+        message_id = replies[-2].rsplit(" ", 1)[1]
+        wait_until(lambda: message_id in self.daemon.message_files())
 
     def test_multiple_recipients_and_a_foreign_one_refused(self) -> None:
         """Two local recipients are accepted; a foreign domain gets 550 5.7.1 (no relay)."""
