@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
+from twisted.internet.testing import MemoryReactor, StringTransport, StringTransportWithDisconnection
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -677,6 +679,14 @@ class PipeliningTests(SMTPTestCase):
         self.spool.fail_commit(StorageFailed("Error: disk full"))
         self.assertEqual(session.replies(), ["452 4.3.1 Error: disk full", "250 2.0.0 Ok"])
 
+    def test_replies_of_one_pass_go_out_together(self) -> None:
+        """Pipelined commands read together are answered with one send."""
+        session = self.ready()
+        sent: list[bytes] = []
+        session.proto._send = sent.append  # type: ignore[method-assign]
+        session.send(ENVELOPE + b"RCPT TO:<v@example.com>\r\nDATA\r\n")
+        self.assertEqual(sent, [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"])
+
     def test_bug_while_answering_a_commit(self) -> None:
         """A bug after the commit gets 451 4.3.0; the transaction ends and the session goes on."""
         session = self.ready()
@@ -720,6 +730,26 @@ class PipeliningTests(SMTPTestCase):
         session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\n")
         self.assertEqual(session.send(b"NOOP\r\n" * 200000), ["421 4.7.0 mx.example.com Error: too much pipelined input"])
         self.assertTrue(session.closing)
+
+
+class RealSocketTests(SMTPTestCase):
+    """Over a real TCP connection."""
+
+    def test_no_delay_and_immediate_greeting(self) -> None:
+        """Nagle is off (a reply never waits for the client's delayed ACK) and the
+        greeting is on the wire before the reactor runs."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        self.addCleanup(client.close)
+        server, peer = listener.accept()
+        self.addCleanup(server.close)
+        proto = self.factory.buildProtocol(IPv4Address("TCP", *peer))
+        transport = tcp.Server(server, proto, peer, None, 1, MemoryReactor())  # type: ignore[arg-type]
+        proto.makeConnection(transport)
+        self.assertEqual(server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        self.assertEqual(client.recv(1000), (GREETING + "\r\n").encode())
+        proto.connectionLost(Failure(ConnectionDone()))
 
 
 class HalfCloseTests(SMTPTestCase):
