@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import time
+import os
+import threading
 
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
@@ -58,11 +59,24 @@ class EventAsJSONTests(SynchronousTestCase):
         self.assertIn("ValueError: boom", out["traceback"])
 
 
+class SignallingStream(io.StringIO):
+    """A text stream that tells when something was written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+
+    def write(self, text: str) -> int:
+        count = super().write(text)
+        self.written.set()
+        return count
+
+
 class ObserverTests(SynchronousTestCase):
     """The observer buffers lines and a thread writes them."""
 
-    def make(self, level: LogLevel = LogLevel.info, interval: float = 60.0) -> tuple[logs.JSONLinesObserver, io.StringIO]:
-        stream = io.StringIO()
+    def make(self, level: LogLevel = LogLevel.info, interval: float = 60.0) -> tuple[logs.JSONLinesObserver, SignallingStream]:
+        stream = SignallingStream()
         observer = logs.JSONLinesObserver(stream, level, interval=interval)
         self.addCleanup(observer.close)
         return observer, stream
@@ -92,18 +106,14 @@ class ObserverTests(SynchronousTestCase):
         observer, stream = self.make(interval=60.0)
         observer(event(log_format="quiet"))
         observer(event(log_format="loud", log_level=LogLevel.warn))
-        deadline = time.monotonic() + 10
-        while "loud" not in stream.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.assertTrue(stream.written.wait(10))  # long before the 60 s interval
         self.assertEqual([line["message"] for line in self.lines(stream)], ["quiet", "loud"])
 
     def test_interval(self) -> None:
         """Info lines are written by the thread within the interval."""
         observer, stream = self.make(interval=0.05)
         observer(event(log_format="later"))
-        deadline = time.monotonic() + 10
-        while not stream.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.assertTrue(stream.written.wait(10))
         self.assertEqual([line["message"] for line in self.lines(stream)], ["later"])
 
     def test_bounded_when_stuck(self) -> None:
@@ -153,13 +163,11 @@ class RobustnessTests(SynchronousTestCase):
 
     def test_concurrent_flushes_keep_lines_whole(self) -> None:
         """Flushing from several threads at once (the writer thread and exit) never interleaves lines."""
-        import threading
-
         class SlowStream(io.StringIO):
             def write(self, text: str) -> int:
                 for i in range(0, len(text), 7):  # a stream that takes its input in small pieces
                     super().write(text[i : i + 7])
-                    time.sleep(0)
+                    os.sched_yield()
                 return len(text)
 
         stream = SlowStream()

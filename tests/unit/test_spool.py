@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -288,20 +286,41 @@ class LingeringCommitterTests(SpoolTestBase):
         thread.start()
         return thread
 
-    def wait_for(self, predicate: Callable[[], object]) -> None:
-        deadline = time.monotonic() + 10
-        while not predicate():
-            self.assertLess(time.monotonic(), deadline, "timed out")
-            time.sleep(0.005)
+    def watch(self, spool: Spool) -> None:
+        """Count acknowledged messages and finished checkpoints, from any thread."""
+        self.acked = threading.Semaphore(0)
+        self.checkpointed = threading.Event()
+        stored = spool.on_stored
+
+        def on_stored(record: dict[str, Any], raw: bytes | None) -> None:
+            assert stored is not None
+            stored(record, raw)
+            self.acked.release()
+
+        checkpoint = spool._checkpoint
+
+        def counted_checkpoint(rotate: bool = True) -> None:
+            checkpoint(rotate)
+            self.checkpointed.set()
+
+        spool.on_stored = on_stored
+        spool._checkpoint = counted_checkpoint  # type: ignore[method-assign]
+
+    def wait_acked(self) -> None:
+        """Wait (bounded) for the next acknowledgement."""
+        self.assertTrue(self.acked.acquire(timeout=10), "no acknowledgement")
 
     def test_next_message_needs_no_new_hand_off(self) -> None:
         """A message arriving while the committer lingers is committed by the same thread run."""
         spool = self.make_spool(auto=False, commit_linger=30.0)
+        self.watch(spool)
         first = spool.store(ENVELOPE, RAW)
         thread = self.run_committer(spool)
-        self.wait_for(lambda: first.called)
+        self.wait_acked()
+        self.assertTrue(first.called)
         second = spool.store(ENVELOPE, RAW)
-        self.wait_for(lambda: second.called)
+        self.wait_acked()
+        self.assertTrue(second.called)
         self.assertEqual(self.pool.queue, [])  # no second trip through the pool
         self.assertEqual(len(self.stored), 2)
         self.assertTrue(thread.is_alive())
@@ -315,13 +334,15 @@ class LingeringCommitterTests(SpoolTestBase):
     def test_checkpoint_runs_between_batches(self) -> None:
         """A checkpoint due while the committer lingers runs in the committer's thread."""
         spool = self.make_spool(auto=False, commit_linger=30.0)
+        self.watch(spool)
         stored = spool.store(ENVELOPE, RAW)
         thread = self.run_committer(spool)
-        self.wait_for(lambda: stored.called)
+        self.wait_acked()
         first_segment = sorted(os.listdir(spool.layout.journal))[0]
         spool.mark_done(self.successResultOf(stored).id)
         self.reactor.advance(2.0)  # the periodic checkpoint finds the committer busy
-        self.wait_for(lambda: first_segment not in os.listdir(spool.layout.journal))
+        self.assertTrue(self.checkpointed.wait(10))
+        self.assertNotIn(first_segment, os.listdir(spool.layout.journal))
         self.assertEqual(self.pool.queue, [])
         self.assertTrue(thread.is_alive())
         d = spool.stopService()
@@ -344,9 +365,10 @@ class LingeringCommitterTests(SpoolTestBase):
         """A checkpoint that runs while a batch is synced but its reply is on its
         way to the reactor keeps that batch's segment (a crash then loses nothing)."""
         spool = self.make_spool(auto=False, commit_linger=30.0)
+        self.watch(spool)
         first = spool.store(ENVELOPE, RAW)
         thread = self.run_committer(spool)
-        self.wait_for(lambda: first.called)
+        self.wait_acked()
         spool.mark_done(self.successResultOf(first).id)  # nothing unprocessed now
         synced, release = threading.Event(), threading.Event()
         append = spool._append_journal
@@ -362,9 +384,10 @@ class LingeringCommitterTests(SpoolTestBase):
         self.assertTrue(synced.wait(10))
         self.reactor.advance(2.0)  # the checkpoint comes due now
         release.set()
-        self.wait_for(lambda: second.called)
+        self.wait_acked()
         second_id = self.successResultOf(second).id
-        self.wait_for(lambda: len(os.listdir(spool.layout.journal)) == 2)  # the checkpoint rotated
+        self.assertTrue(self.checkpointed.wait(10))
+        self.assertEqual(len(os.listdir(spool.layout.journal)), 2)  # the checkpoint rotated
         in_journal = [r["id"] for n in sorted(os.listdir(spool.layout.journal)) for r, _ in _read_journal(os.path.join(spool.layout.journal, n))]
         self.assertIn(second_id, in_journal)
         # A crash now: a new spool on the same folder replays the message.
