@@ -161,7 +161,7 @@ SPEC: dict[str, Any] = {
     "shutdown_timeout": _dur(30.0, "Longest graceful drain on SIGTERM/SIGINT before connections are cut."),
     "io_threads": _int(4, "Threads for file I/O (the reactor thread never blocks).", 1),
     "parser_processes": _int(None, "Processes that parse messages after acceptance (default: CPUs - 1, at least 1; 0 = parse in threads)."),
-    "parser_nice": _int(19, "CPU niceness of the parser processes (0-19): 19 lets acceptance go first during a burst; lower it on a host shared with busy programs.", 0, 19),
+    "parser_nice": _int(19, "CPU niceness of the parser processes (0-19, never below the daemon's own): 19 lets acceptance go first during a burst; lower it on a host shared with busy programs.", 0, 19),
     "http": {
         "listen": Key(endpoint, "tcp:3000:interface=127.0.0.1", "HTTP API endpoint (Twisted endpoint string).", {"type": "string"}),
         "bearer_token": _str(None, "Bearer token for the API; generated into data_dir/http-token on first start when unset.", secret=True),

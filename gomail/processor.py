@@ -221,7 +221,7 @@ def die_with_parent(nice: int = 19) -> None:
     # Accepting mail comes first: parsing can catch up after a burst, a
     # client kept waiting for its reply cannot.
     try:
-        os.nice(nice)
+        os.nice(max(0, nice - os.nice(0)))  # os.nice adds; we want ``nice`` itself
     except OSError:  # pragma: no cover
         pass
 

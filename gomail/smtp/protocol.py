@@ -102,6 +102,7 @@ class SMTPServerProtocol(LineReceiver):
         self._pauses: set[object] = set()
         self._send: Callable[[bytes], None] = self._not_connected
         self._out: list[bytes] = []  # replies of the current input pass, sent together
+        self._direct = False  # our transport is the connection itself (no wrapper)
         self._reading_paused = False
         self._read_closed = False
         self._write_tokens: set[object] = set()
@@ -159,6 +160,7 @@ class SMTPServerProtocol(LineReceiver):
     def connectionMade(self) -> None:
         """Admit or refuse the client, then greet it."""
         self._send = immediate_writer(self.transport)
+        self._direct = getattr(self.transport, "protocol", None) is self
         # Replies are small and each one is awaited: never hold one back
         # for Nagle (a second send before the client's ACK would wait for
         # its delayed ACK, 40 ms).
@@ -580,7 +582,10 @@ class SMTPServerProtocol(LineReceiver):
 
         pending.addCallbacks(done, failed)
         if not fired:
-            self._pause(token, read=False)
+            # Keep reading only where a half-close reaches us (a plain
+            # connection): behind a wrapper (PROXY protocol, TLS) the
+            # client's EOF would close the session before this reply.
+            self._pause(token, read=not self._direct)
 
     # -- timers -------------------------------------------------------------
 
@@ -1148,14 +1153,17 @@ class SMTPServerProtocol(LineReceiver):
     def _committed(self, stored: object, writer: IMessageWriter, envelope: Envelope) -> None:
         message_id = stored.id if isinstance(stored, StoredMessage) else writer.id
         self._reply(250, "2.0.0", f"Ok: queued as {message_id}")  # the client first, then the log
-        self._log.info(
-            "queued {msg_id} from {peer} in SMTP session {session}: {size} bytes, {rcpts} recipients",
-            msg_id=message_id,
-            peer=self._peer_host,
-            session=self.session_id,
-            size=self._size,
-            rcpts=len(envelope.rcpt_to),
-        )
+        try:
+            self._log.info(
+                "queued {msg_id} from {peer} in SMTP session {session}: {size} bytes, {rcpts} recipients",
+                msg_id=message_id,
+                peer=self._peer_host,
+                session=self.session_id,
+                size=self._size,
+                rcpts=len(envelope.rcpt_to),
+            )
+        except Exception:  # noqa: BLE001 - answered already: a second reply would break the client's pipeline
+            self._log.failure("logging an accepted message failed in SMTP session {session}", session=self.session_id)
 
     def _commit_failed(self, failure: Failure) -> None:
         error = failure.value

@@ -58,11 +58,15 @@ def received(
 class Session:
     """One client connection over a StringTransport."""
 
-    def __init__(self, factory: SMTPFactory, peer: Any = PEER) -> None:
+    def __init__(self, factory: SMTPFactory, peer: Any = PEER, *, wrapped: bool = False) -> None:
         self.transport = StringTransport(peerAddress=peer)
         proto = factory.buildProtocol(peer)
         assert isinstance(proto, SMTPServerProtocol)
         self.proto = proto
+        if not wrapped:
+            # Like a TCP connection, whose ``protocol`` is the session; a
+            # wrapper (PROXY protocol, TLS) stands between them otherwise.
+            self.transport.protocol = proto  # type: ignore[attr-defined]
         proto.makeConnection(self.transport)
 
     def replies(self) -> list[str]:
@@ -686,6 +690,18 @@ class PipeliningTests(SMTPTestCase):
         session.proto._send = sent.append  # type: ignore[method-assign]
         session.send(ENVELOPE + b"RCPT TO:<v@example.com>\r\nDATA\r\n")
         self.assertEqual(sent, [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"])
+
+    def test_wrapped_connection_stops_reading_during_a_commit(self) -> None:
+        """Behind a wrapper (PROXY protocol, TLS) a half-close would not reach the
+        session, so a pending commit stops reading at once, as before."""
+        self.spool.auto_commit = False
+        session = Session(self.factory, wrapped=True)
+        session.replies()
+        session.send(b"EHLO client.example.org\r\n" + ENVELOPE + b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(session.transport.producerState, "paused")
+        self.spool.fire_commit()
+        self.assertEqual(session.replies(), ["250 2.0.0 Ok: queued as MSG0001"])
+        self.assertEqual(session.transport.producerState, "producing")
 
     def test_bug_while_answering_a_commit(self) -> None:
         """A bug after the commit gets 451 4.3.0; the transaction ends and the session goes on."""
