@@ -14,6 +14,7 @@ creation is idempotent, so that repeats nothing but the parse).
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import os
 import signal
@@ -177,13 +178,18 @@ def _as_error(result: dict[str, Any] | str) -> dict[str, Any] | BaseException:
     return RuntimeError(result) if isinstance(result, str) else result
 
 
+# One layout per spool folder in each process, so its day-folder cache lasts
+# beyond one message.
+_layout = functools.lru_cache(maxsize=4)(SpoolLayout)
+
+
 def prepare_message(root: str, record: dict[str, Any], raw: bytes | None, state: str) -> dict[str, Any]:
     """Parse a message and write its files; the record without the parsed body.
 
     Runs in a parser process (or inline in tests).  ``raw`` None means the
     raw file is already in place (a large or recovered message).
     """
-    layout = SpoolLayout(root)
+    layout = _layout(root)
     message_id = record["id"]
     if raw is None:
         with open(layout.raw_path(message_id), "rb") as f:

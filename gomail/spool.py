@@ -168,8 +168,8 @@ def write_message_files(layout: SpoolLayout, record: dict[str, Any], raw: bytes 
 
     def write() -> None:
         if raw is not None:
-            _write_file(os.path.join(folder, f"{message_id}.eml"), raw)
-        _write_atomic(os.path.join(folder, f"{message_id}.json"), data)
+            _write_file(layout.raw_path(message_id), raw)
+        _write_atomic(layout.record_path(message_id), data)
 
     try:
         write()

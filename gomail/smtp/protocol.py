@@ -409,10 +409,11 @@ class SMTPServerProtocol(LineReceiver):
         Args:
             token: What the session waits for.
             read: Whether to stop reading from the socket too.  Waiting for
-                a reply (a commit, the limiter) does not: a client sending
-                one command at a time has nothing more to send, and pausing
-                the transport costs two system calls per message.  Input
-                that piles up past ``_READ_AHEAD`` stops reading anyway.
+                a reply (a commit, the limiter) on a plain connection does
+                not: a client sending one command at a time has nothing more
+                to send, and pausing the transport costs two system calls
+                per message.  Input that piles up past ``_READ_AHEAD`` stops
+                reading anyway.
         """
         self._pauses.add(token)
         if read:
