@@ -184,6 +184,10 @@ SPEC: dict[str, Any] = {
         "junk_command_limit": _int(SMTP_DEFAULTS.junk_command_limit, "Bad commands before 421 4.7.0.", 1),
         "max_sessions": _int(SMTP_DEFAULTS.max_sessions, "Concurrent SMTP sessions in total.", 1),
         "max_header_bytes": _size(SMTP_DEFAULTS.max_header_bytes, "Largest header section."),
+        "tls": {
+            "certificate": _str(None, "PEM file: the server's certificate, then its intermediates (fullchain.pem). Set, STARTTLS is offered; re-read on SIGHUP."),
+            "private_key": _str(None, "PEM file with the certificate's private key, unencrypted (default: the certificate file)."),
+        },
     },
     "rate_limit": {
         "per_minute": _num(LIMIT_DEFAULTS.http_per_minute, "HTTP requests per minute per client."),
@@ -263,6 +267,8 @@ class SMTPConfig:
     enabled: bool
     listen: str
     settings: SMTPSettings
+    tls_certificate: str | None = None
+    tls_private_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +518,7 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
         reason = weak_token_reason(token)
         if reason:
             errors.append(("http.bearer_token", f"the token is weak: {reason} (set http.allow_weak_token: true to accept it)"))
+    errors += _tls_errors(data)
     routes: list[Any] = data["routes"] if isinstance(data.get("routes"), list) else []
     names = [r.get("name") for r in routes if isinstance(r, dict)]
     for i, r in enumerate(routes):
@@ -522,6 +529,26 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
         if "match" in r and not r.get("match"):
             errors.append((f"routes[{i}].match", "a route needs at least one match"))
     return errors
+
+
+def _tls_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The SMTP certificate and key must load and belong together."""
+    smtp: Any = data.get("smtp")
+    tls: Any = smtp.get("tls") if isinstance(smtp, dict) else None
+    if not isinstance(tls, dict):
+        return []
+    certificate, key = tls.get("certificate"), tls.get("private_key")
+    if certificate is None:
+        return [("smtp.tls.private_key", "a private key needs smtp.tls.certificate too")] if key is not None else []
+    if not isinstance(certificate, str) or not isinstance(key, str | None):
+        return []  # the schema reports the types
+    from gomail.smtp.tls import TLSFilesError, load_server_tls
+
+    try:
+        load_server_tls(certificate, key)
+    except TLSFilesError as e:
+        return [("smtp.tls.certificate", str(e))]
+    return []
 
 
 def _path(parts: list[Any]) -> str:
@@ -606,7 +633,7 @@ def _build(c: dict[str, Any], warnings: tuple[str, ...]) -> Config:
         parser_processes=c["parser_processes"],
         parser_nice=c["parser_nice"],
         http=HTTPConfig(h["listen"], h.get("bearer_token"), h["allow_weak_token"], h["max_body_size"], h["metrics"], h["request_timeout"]),
-        smtp=SMTPConfig(s["enabled"], s["listen"], smtp),
+        smtp=SMTPConfig(s["enabled"], s["listen"], smtp, s["tls"]["certificate"], s["tls"]["private_key"]),
         rate_limit=rules,
         routes=routes,
         delivery=delivery,

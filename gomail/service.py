@@ -22,12 +22,14 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -42,6 +44,7 @@ from gomail.limiter import LimiterService
 from gomail.metrics import GomailMetrics
 from gomail.processor import MessageProcessor, parser_processes
 from gomail.smtp.factory import SMTPFactory
+from gomail.smtp.tls import TLSFilesError, load_server_tls
 from gomail.spool import Spool
 
 
@@ -130,18 +133,29 @@ class GomailService(MultiService):
         )
 
     def reload(self, config: Config) -> None:
-        """Apply what can change without a restart (SIGHUP): the rate limits.
+        """Apply what can change without a restart (SIGHUP): the rate limits
+        and the SMTP certificate (re-read, so a renewed one takes effect).
 
         Other settings keep their running values until the next start; the
         log says which differ.
         """
         self.limiter.reload(config.rate_limit)
+        applied = "rate limits"
+        if self.smtp is not None:
+            try:
+                self.smtp.tls = smtp_tls(config)
+            except TLSFilesError as e:  # changed since the configuration was checked
+                self._log.error("SMTP certificate not reloaded: {error}", error=str(e))
+            else:
+                applied += ", SMTP certificate" if config.smtp.tls_certificate else ", SMTP without TLS"
+        # The certificate's paths apply at once; compare the rest.
+        running_smtp = replace(self.config.smtp, tls_certificate=config.smtp.tls_certificate, tls_private_key=config.smtp.tls_private_key)
         unchanged = [
             name
             for name in ("hostname", "data_dir", "domains", "http", "smtp", "routes", "delivery", "logging")
-            if getattr(config, name) != getattr(self.config, name)
+            if getattr(config, name) != (running_smtp if name == "smtp" else getattr(self.config, name))
         ]
-        self._log.info("configuration reloaded: rate limits applied")
+        self._log.info("configuration reloaded: {applied} applied", applied=applied)
         if unchanged:
             self._log.warn("these settings changed but need a restart: {names}", names=", ".join(unchanged))
 
@@ -198,6 +212,18 @@ class GomailService(MultiService):
             "{requests_drained} HTTP requests drained ({requests_cut} cut), {deliveries_cut} deliveries cut",
             **self.shutdown_summary,
         )
+
+
+def smtp_tls(config: Config) -> CertificateOptions | None:
+    """The SMTP listener's TLS options, or None without a certificate.
+
+    Raises:
+        TLSFilesError: The files cannot be used (the configuration check
+            reads them too, so this means they changed since).
+    """
+    if not config.smtp.tls_certificate:
+        return None
+    return load_server_tls(config.smtp.tls_certificate, config.smtp.tls_private_key)
 
 
 def build_service(
@@ -279,7 +305,7 @@ def build_service(
     root.listeners.append(http_listener)
 
     if config.smtp.enabled:
-        root.smtp = SMTPFactory(config.smtp.settings, root.spool, router, reactor, metrics, limiter=root.limiter)
+        root.smtp = SMTPFactory(config.smtp.settings, root.spool, router, reactor, metrics, limiter=root.limiter, tls=smtp_tls(config))
         smtp_listener = strports.service(config.smtp.listen, root.smtp, reactor=reactor)
         smtp_listener.setName("smtp")
         root.listeners.append(smtp_listener)

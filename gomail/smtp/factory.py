@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IOpenSSLContextFactory, IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
@@ -29,6 +29,9 @@ class SMTPFactory(ServerFactory):
             sender_domain)`` and ``smtp_recipient(address, recipient_domain)``;
             each decision (or a Deferred of one) has ``allowed``,
             ``retry_at`` (on ``clock``) and ``rule``.
+        tls: TLS options for STARTTLS (:func:`gomail.smtp.tls.load_server_tls`),
+            or None to offer none.  Replacing them (SIGHUP with a renewed
+            certificate) applies to every STARTTLS from then on.
     """
 
     protocol = SMTPServerProtocol
@@ -42,6 +45,7 @@ class SMTPFactory(ServerFactory):
         clock: IReactorTime,
         metrics: GomailMetrics | None = None,
         limiter: object | None = None,
+        tls: IOpenSSLContextFactory | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -49,6 +53,7 @@ class SMTPFactory(ServerFactory):
         self.clock = clock
         self.metrics = metrics
         self.limiter: Any = limiter
+        self.tls = tls
         self._sessions: set[SMTPServerProtocol] = set()
         self._admitted: set[SMTPServerProtocol] = set()
         self._shutting_down = False

@@ -1,5 +1,5 @@
 """The ESMTP server protocol (RFC 5321 with PIPELINING, SIZE, 8BITMIME,
-SMTPUTF8, ENHANCEDSTATUSCODES and CHUNKING).
+SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING and, with a certificate, STARTTLS).
 
 Commands arrive in line mode and are dispatched by name (``do_MAIL``...);
 message data (DATA, BDAT) is read in raw mode and streamed into a spool
@@ -32,8 +32,9 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IHandshakeListener, ISSLTransport
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -45,6 +46,7 @@ from gomail.ids import PerSecond
 from gomail.interfaces import Envelope, IMessageWriter, StoredMessage
 from gomail.smtp.address import AddressError, domain_of, parse_path_argument, safe_text
 from gomail.smtp.data import DataDecoder, Rejection
+from gomail.smtp.tls import describe_session
 from gomail.smtp.writes import immediate_writer
 
 if TYPE_CHECKING:
@@ -64,19 +66,24 @@ _BDAT_ARGS = re.compile(r"([0-9]{1,20})(?:[ \t]+(LAST))?", re.IGNORECASE)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 
 _HELP = "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
+_HELP_TLS = _HELP + " STARTTLS"
 
 
 # The Received header's date, formatted once per second.
 _rfc5322_date = PerSecond(lambda second: format_datetime(datetime.fromtimestamp(second, UTC)))
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class SMTPServerProtocol(LineReceiver):
     """One SMTP session.
 
     A client that half-closes (``shutdown(SHUT_WR)`` after its last
     command) still gets every reply: input already read is answered, pending
     commits included, and then the connection is closed.
+
+    With TLS options on the factory, EHLO offers STARTTLS (RFC 3207).  On a
+    listener that is TLS from the start (a ``ssl:`` endpoint) the session
+    is TLS already and STARTTLS is not offered.
 
     Attributes:
         factory: The factory that made this session (settings, spool, policy).
@@ -116,6 +123,8 @@ class SMTPServerProtocol(LineReceiver):
         self._peer_port: int | None = None
         self._helo: str | None = None
         self._esmtp = False
+        self._tls = False
+        self._tls_info: str | None = None
         self._errors = 0
         self._command = "CONNECT"
         self._mode = _COMMAND
@@ -161,6 +170,7 @@ class SMTPServerProtocol(LineReceiver):
         """Admit or refuse the client, then greet it."""
         self._send = immediate_writer(self.transport)
         self._direct = getattr(self.transport, "protocol", None) is self
+        self._tls = ISSLTransport.providedBy(self.transport)
         # Replies are small and each one is awaited: never hold one back
         # for Nagle (a second send before the client's ACK would wait for
         # its delayed ACK, 40 ms).
@@ -255,6 +265,14 @@ class SMTPServerProtocol(LineReceiver):
         self._buf = bytearray()
         self._pos = 0
         result = self._result or "lost"
+        if self._tls and self._tls_info is None and reason is not None and reason.check(SSLError) is not None:
+            result = "tls_failed"
+            self._log.info(
+                "SMTP session {session} from {peer}: TLS handshake failed: {error}",
+                session=self.session_id,
+                peer=self._peer_host,
+                error=str(reason.value)[:200],
+            )
         self.factory.session_closed(self)
         if self._metrics is not None:
             self._metrics.smtp_sessions_active.dec()
@@ -644,18 +662,60 @@ class SMTPServerProtocol(LineReceiver):
         if not self._hello(arg, "EHLO"):
             return
         self._esmtp = True
-        self._reply_lines(
-            250,
-            [
-                self._hostname,
-                "PIPELINING",
-                f"SIZE {self.settings.max_message_size}",
-                "8BITMIME",
-                "SMTPUTF8",
-                "ENHANCEDSTATUSCODES",
-                "CHUNKING",
-            ],
-        )
+        lines = [self._hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}"]
+        if self._offers_tls():
+            lines.append("STARTTLS")
+        lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"]
+        self._reply_lines(250, lines)
+
+    def _offers_tls(self) -> bool:
+        return self.factory.tls is not None and not self._tls and callable(getattr(self.transport, "startTLS", None))
+
+    def do_STARTTLS(self, arg: str) -> None:
+        """STARTTLS (RFC 3207): say 220, then TLS; the session starts over.
+
+        Commands pipelined behind STARTTLS were sent in clear text and are
+        discarded (RFC 3207 section 4.2; Postfix's CVE-2011-0411 fix).
+        """
+        if arg:
+            self._reply(501, "5.5.4", "Syntax: STARTTLS")
+            return
+        if self._tls:
+            self._reply(503, "5.5.1", "Error: TLS already active")
+            return
+        options = self.factory.tls
+        if not self._offers_tls() or options is None:
+            self._reply(502, "5.5.1", "Error: command not implemented")
+            return
+        if not self._esmtp:
+            self._reply(503, "5.5.1", "Error: send EHLO first")
+            return
+        if self.in_transaction:
+            self._reply(503, "5.5.1", "Error: MAIL transaction in progress")
+            return
+        discarded = len(self._buf) - self._pos
+        if discarded > 0:
+            self._pos = len(self._buf)
+            self._log.info(
+                "SMTP session {session} from {peer}: {octets} octets sent behind STARTTLS discarded",
+                session=self.session_id,
+                peer=self._peer_host,
+                octets=discarded,
+            )
+        self._reply(220, "2.0.0", "Ready to start TLS")
+        self._flush_replies()  # in clear text, before the handshake
+        # Everything learnt before is forgotten (RFC 3207 section 4.2).
+        self._reset_transaction()
+        self._helo = None
+        self._esmtp = False
+        self._tls = True
+        self._direct = False  # the TLS layer now stands between us and the socket
+        self.transport.startTLS(options)  # type: ignore[union-attr]
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done: note its version and cipher (IHandshakeListener)."""
+        self._tls_info = describe_session(self.transport) or "TLS"
+        self._log.debug("SMTP session {session}: {tls}", session=self.session_id, tls=self._tls_info)
 
     def do_HELO(self, arg: str) -> None:
         """HELO: greet without extensions."""
@@ -861,7 +921,7 @@ class SMTPServerProtocol(LineReceiver):
 
     def do_HELP(self, arg: str) -> None:
         """HELP: list the commands."""
-        self._reply(214, "2.0.0", _HELP)
+        self._reply(214, "2.0.0", _HELP_TLS if self._offers_tls() else _HELP)
 
     # -- limits -------------------------------------------------------------
 
@@ -935,8 +995,9 @@ class SMTPServerProtocol(LineReceiver):
         else:
             client = f"(unknown [{'IPv6:' + host if ':' in host else host}])"
         when = _rfc5322_date(int(self._clock.seconds()))
+        tls = f"\t(using {self._tls_info})\r\n" if self._tls and self._tls_info and self._tls_info != "TLS" else ""
         header = (
-            f"Received: from {self._helo or 'unknown'} {client}\r\n"
+            f"Received: from {self._helo or 'unknown'} {client}\r\n{tls}"
             f"\tby {self._hostname} (gomail) with {self._protocol_name()} id {writer.id}"
         )
         if len(self._rcpts) == 1:
@@ -946,10 +1007,12 @@ class SMTPServerProtocol(LineReceiver):
         return header.encode("utf-8")
 
     def _protocol_name(self) -> str:
-        """The ``with`` keyword of RFC 3848 / RFC 6531 (TLS and AUTH come later)."""
+        """The ``with`` keyword of RFC 3848 / RFC 6531 (no AUTH: gomail has no users)."""
         if self._smtputf8:
-            return "UTF8SMTP"
-        return "ESMTP" if self._esmtp else "SMTP"
+            return "UTF8SMTPS" if self._tls else "UTF8SMTP"
+        if not self._esmtp:
+            return "SMTP"  # the registry has no TLS name for HELO sessions
+        return "ESMTPS" if self._tls else "ESMTP"
 
     def _envelope(self) -> Envelope:
         assert self._mail_from is not None
@@ -962,7 +1025,7 @@ class SMTPServerProtocol(LineReceiver):
             client_port=self._peer_port,
             body=self._body,
             smtputf8=self._smtputf8,
-            tls=False,
+            tls=self._tls,
             protocol=self._protocol_name(),
             request_id=self.session_id,
         )

@@ -68,6 +68,14 @@ class Daemon:
         self.log_path = os.path.join(workdir, "gomail.log")
         self.starts = 0
 
+    def edit_config(self, old: str, new: str) -> None:
+        """Replace ``old`` (which must be there) with ``new`` in the config file, before start."""
+        with open(self.config_path, encoding="utf-8") as f:
+            text = f.read()
+        assert old in text, old
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write(text.replace(old, new))
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"

@@ -124,10 +124,7 @@ class ReloadTests(SynchronousTestCase):
         daemon.start()
         codes = [daemon.post_message(RAW)[0] for _ in range(3)]
         self.assertEqual(codes, [202, 202, 429])
-        with open(daemon.config_path) as f:
-            text = f.read()
-        with open(daemon.config_path, "w") as f:
-            f.write(text.replace("rate_limit: {per_minute: 1, burst: 2}", "rate_limit: {per_minute: 600, burst: 50}"))
+        daemon.edit_config("rate_limit: {per_minute: 1, burst: 2}", "rate_limit: {per_minute: 600, burst: 50}")
         pid = daemon.proc.pid if daemon.proc else None
         daemon.signal(signal.SIGHUP)
         wait_until(lambda: "configuration reloaded" in daemon.log(), timeout=10)
@@ -143,10 +140,7 @@ class ProxyProtocolTests(SynchronousTestCase):
     def test_haproxy_endpoint_records_the_real_client(self) -> None:
         """Behind a PROXY-protocol proxy (haproxy: endpoint) the record names the client the proxy reports."""
         daemon = Daemon(self.mktemp())
-        with open(daemon.config_path) as f:
-            text = f.read()
-        with open(daemon.config_path, "w") as f:
-            f.write(text.replace(f"listen: 'tcp:{daemon.smtp_port}:", f"listen: 'haproxy:tcp:{daemon.smtp_port}:"))
+        daemon.edit_config(f"listen: 'tcp:{daemon.smtp_port}:", f"listen: 'haproxy:tcp:{daemon.smtp_port}:")
         self.addCleanup(daemon.kill)
         daemon.start()
         s = socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=10)

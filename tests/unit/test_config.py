@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gomail import cli, config
 from gomail.config import ConfigError, load
+from tests.tls_files import write_certificate
 
 STRONG = "Zq7mV2xR9pL4tW8kN3bH6yF1cJ5sD0gA-eU"
 
@@ -145,6 +146,40 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.size("512k"), 524288)
         for bad in ("soon", "-1", True):
             self.assertRaises(vol.Invalid, config.duration, bad)
+
+
+class TLSConfigTests(SynchronousTestCase):
+    """smtp.tls: the certificate and key are checked when the configuration loads."""
+
+    def test_certificate_and_key_load(self) -> None:
+        """Paths from the environment or the file; the key defaults to the certificate file."""
+        cert, key = write_certificate(self.mktemp(), with_intermediate=True)
+        config = load(None, {"GOMAIL_SMTP__TLS__CERTIFICATE": cert, "GOMAIL_SMTP__TLS__PRIVATE_KEY": key})
+        self.assertEqual((config.smtp.tls_certificate, config.smtp.tls_private_key), (cert, key))
+        both = self.mktemp()
+        with open(both, "wb") as f, open(cert, "rb") as c, open(key, "rb") as k:
+            f.write(c.read() + k.read())
+        self.assertEqual(load(None, {}, {"smtp.tls.certificate": both}).smtp.tls_certificate, both)
+        self.assertIsNone(load(None, {}).smtp.tls_certificate)
+
+    def test_problems_are_reported_with_the_path(self) -> None:
+        """A missing file, a file without a certificate or key, and a key of another certificate."""
+        cert, key = write_certificate(self.mktemp())
+        other_cert, other_key = write_certificate(self.mktemp())
+        cases = [
+            ({"smtp.tls.certificate": "/nonexistent/cert.pem"}, "smtp.tls.certificate", "cannot read the TLS certificate '/nonexistent/cert.pem'"),
+            ({"smtp.tls.certificate": key}, "smtp.tls.certificate", "holds no PEM certificate"),
+            ({"smtp.tls.certificate": cert}, "smtp.tls.certificate", "holds no PEM private key"),
+            ({"smtp.tls.certificate": cert, "smtp.tls.private_key": other_key}, "smtp.tls.certificate", "does not match the certificate"),
+            ({"smtp.tls.private_key": key}, "smtp.tls.private_key", "a private key needs smtp.tls.certificate too"),
+        ]
+        for flags, path, message in cases:
+            with self.assertRaises(ConfigError) as caught:
+                load(None, {}, flags)
+            [(where, text)] = caught.exception.errors
+            self.assertEqual(where, path, flags)
+            self.assertIn(message, text)
+        self.assertIsNotNone(load(None, {}, {"smtp.tls.certificate": other_cert, "smtp.tls.private_key": other_key}))
 
 
 class ValidateCommandTests(SynchronousTestCase):

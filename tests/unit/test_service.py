@@ -10,6 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from gomail.config import load
@@ -18,6 +19,7 @@ from gomail.service import build_service
 from gomail.spool import SpoolLayout
 from gomail.tap import Options, ensure_token
 from tests.fakes import ManualThreadPool, ThreadlessReactor
+from tests.tls_files import write_certificate
 
 TOKEN = "Zq7mV2xR9pL4tW8kN3bH6yF1cJ5sD0gA-eU"
 
@@ -55,6 +57,43 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertIsNotNone(root.delivery)
         self.assertTrue(root.router.accepts("x@example.com"))  # type: ignore[attr-defined]
         self.assertFalse(root.router.accepts("x@example.net"))  # type: ignore[attr-defined]
+
+
+class TLSReloadTests(SynchronousTestCase):
+    def test_certificate_is_loaded_and_reloaded(self) -> None:
+        """The SMTP factory gets TLS options from smtp.tls; SIGHUP's reload reads the files again."""
+        cert, key = write_certificate(self.mktemp())
+        flags = {"data_dir": self.mktemp(), "smtp.tls.certificate": cert, "smtp.tls.private_key": key}
+        root = build_service(load(None, {}, flags), MemoryReactorClock(), TOKEN, CollectorRegistry())
+        assert root.smtp is not None
+        first = root.smtp.tls
+        self.assertIsNotNone(first)
+        write_certificate(os.path.dirname(cert))  # renewed in place
+        with capturedLogs() as events:
+            root.reload(load(None, {}, flags))
+        self.assertIsNotNone(root.smtp.tls)
+        self.assertIsNot(root.smtp.tls, first)
+        messages = [formatEvent(e) for e in events]
+        self.assertIn("configuration reloaded: rate limits, SMTP certificate applied", messages)
+        self.assertFalse([m for m in messages if "need a restart" in m])
+
+    def test_reload_can_turn_tls_off_and_survives_a_broken_file(self) -> None:
+        """Without a certificate in the new configuration STARTTLS stops; a file broken after
+        the check keeps the running certificate and says so."""
+        cert, key = write_certificate(self.mktemp())
+        flags = {"data_dir": self.mktemp(), "smtp.tls.certificate": cert, "smtp.tls.private_key": key}
+        config = load(None, {}, flags)
+        root = build_service(config, MemoryReactorClock(), TOKEN, CollectorRegistry())
+        assert root.smtp is not None
+        running = root.smtp.tls
+        with open(key, "w") as f:
+            f.write("not a key")
+        with capturedLogs() as events:
+            root.reload(config)  # checked before the file broke
+        self.assertIs(root.smtp.tls, running)
+        self.assertTrue(any("SMTP certificate not reloaded" in formatEvent(e) for e in events))
+        root.reload(load(None, {}, {"data_dir": flags["data_dir"]}))
+        self.assertIsNone(root.smtp.tls)
 
 
 class FakeSpool:

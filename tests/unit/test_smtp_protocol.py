@@ -7,16 +7,19 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from OpenSSL.SSL import Error as SSLError
 from prometheus_client import CollectorRegistry
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport, StringTransportWithDisconnection
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import alsoProvides
 
 from gomail.errors import StorageFailed, Unavailable
 from gomail.interfaces import Envelope
@@ -58,8 +61,8 @@ def received(
 class Session:
     """One client connection over a StringTransport."""
 
-    def __init__(self, factory: SMTPFactory, peer: Any = PEER, *, wrapped: bool = False) -> None:
-        self.transport = StringTransport(peerAddress=peer)
+    def __init__(self, factory: SMTPFactory, peer: Any = PEER, *, wrapped: bool = False, transport: StringTransport | None = None) -> None:
+        self.transport = transport if transport is not None else StringTransport(peerAddress=peer)
         proto = factory.buildProtocol(peer)
         assert isinstance(proto, SMTPServerProtocol)
         self.proto = proto
@@ -198,7 +201,7 @@ class GreetingAndSimpleCommandTests(SMTPTestCase):
         """Unknown commands, empty lines and bad UTF-8 are 500."""
         session = self.connect()
         self.assertEqual(
-            session.send(b"EXPN x\r\nSTARTTLS\r\n\r\nNO\xffOP\r\nDO_QUIT\r\n"),
+            session.send(b"EXPN x\r\nTURN\r\n\r\nNO\xffOP\r\nDO_QUIT\r\n"),
             [
                 "500 5.5.1 Error: command not recognized",
                 "500 5.5.1 Error: command not recognized",
@@ -766,6 +769,170 @@ class RealSocketTests(SMTPTestCase):
         self.assertEqual(server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
         self.assertEqual(client.recv(1000), (GREETING + "\r\n").encode())
         proto.connectionLost(Failure(ConnectionDone()))
+
+
+class FakeTLSConnection:
+    """What ``getHandle()`` returns once TLS is on: an OpenSSL connection."""
+
+    def get_protocol_version_name(self) -> str:
+        return "TLSv1.3"
+
+    def get_cipher_name(self) -> str:
+        return "TLS_AES_128_GCM_SHA256"
+
+    def get_cipher_bits(self) -> int:
+        return 128
+
+
+class TLSCapableTransport(StringTransport):
+    """A StringTransport that can start TLS, as a TCP connection can (ITLSTransport)."""
+
+    TLS = False
+
+    def __init__(self, *, tls_from_start: bool = False) -> None:
+        super().__init__(peerAddress=PEER)
+        self.started_with: object | None = None
+        self.written_before_tls = b""
+        if tls_from_start:
+            self._become_tls()
+
+    def startTLS(self, options: object) -> None:
+        self.started_with = options
+        self.written_before_tls = self.value()
+        self._become_tls()
+
+    def _become_tls(self) -> None:
+        self.TLS = True
+        alsoProvides(self, ISSLTransport)
+
+    def getHandle(self) -> FakeTLSConnection:
+        return FakeTLSConnection()
+
+
+TLS_OPTIONS = object()  # the factory passes them on to startTLS untouched
+EHLO_TLS_REPLY = EHLO_REPLY[:3] + ["250-STARTTLS"] + EHLO_REPLY[3:]
+
+
+class StartTLSTests(SMTPTestCase):
+    """STARTTLS (RFC 3207), offered when the factory has TLS options."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.factory.tls = TLS_OPTIONS  # type: ignore[assignment]
+
+    def tls_session(self, **kwargs: Any) -> Session:
+        session = Session(self.factory, transport=TLSCapableTransport(**kwargs))
+        self.assertEqual(session.replies(), [GREETING])
+        return session
+
+    def started(self) -> Session:
+        """A session after EHLO, STARTTLS and the handshake."""
+        session = self.tls_session()
+        self.assertEqual(session.send(b"EHLO client.example.org\r\n"), EHLO_TLS_REPLY)
+        self.assertEqual(session.send(b"STARTTLS\r\n"), ["220 2.0.0 Ready to start TLS"])
+        session.proto.handshakeCompleted()
+        return session
+
+    def test_offered_in_ehlo_and_help(self) -> None:
+        """With a certificate, EHLO lists STARTTLS and HELP names it."""
+        session = self.tls_session()
+        self.assertEqual(session.send(b"EHLO client.example.org\r\n"), EHLO_TLS_REPLY)
+        self.assertEqual(session.send(b"HELP\r\n"), ["214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS"])
+
+    def test_not_offered_without_certificate(self) -> None:
+        """Without TLS options STARTTLS is neither listed nor accepted (502, as Postfix)."""
+        self.factory.tls = None
+        session = self.tls_session()
+        self.assertEqual(session.send(b"EHLO client.example.org\r\n"), EHLO_REPLY)
+        self.assertEqual(session.send(b"STARTTLS\r\n"), ["502 5.5.1 Error: command not implemented"])
+        self.assertIsNone(session.transport.started_with)  # type: ignore[attr-defined]
+
+    def test_not_offered_where_the_transport_cannot(self) -> None:
+        """A transport without startTLS (a UNIX socket, a wrapper) is never offered TLS."""
+        session = self.ready()  # a plain StringTransport
+        self.assertEqual(session.send(b"STARTTLS\r\n"), ["502 5.5.1 Error: command not implemented"])
+
+    def test_starttls(self) -> None:
+        """220 goes out in clear text, then TLS starts with the factory's options."""
+        session = self.started()
+        transport = session.transport
+        self.assertIs(transport.started_with, TLS_OPTIONS)  # type: ignore[attr-defined]
+        self.assertEqual(transport.written_before_tls, b"220 2.0.0 Ready to start TLS\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(self.metric("gomail_smtp_replies_total", command="STARTTLS", code="220"), 1.0)
+
+    def test_session_starts_over(self) -> None:
+        """After STARTTLS the client must greet again; TLS is no longer offered."""
+        session = self.started()
+        self.assertEqual(
+            session.send(b"MAIL FROM:<a@b.org>\r\nEHLO client.example.org\r\nSTARTTLS\r\n"),
+            ["503 5.5.1 Error: send HELO/EHLO first"] + EHLO_REPLY + ["503 5.5.1 Error: TLS already active"],
+        )
+
+    def test_pipelined_commands_after_starttls_are_discarded(self) -> None:
+        """Commands sent behind STARTTLS in clear text never run (CVE-2011-0411)."""
+        session = self.tls_session()
+        session.send(b"EHLO client.example.org\r\n")
+        with capturedLogs() as events:
+            replies = session.send(b"STARTTLS\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.com>\r\n")
+        self.assertEqual(replies, ["220 2.0.0 Ready to start TLS"])
+        self.assertIn("46 octets sent behind STARTTLS discarded", [e.get("log_format", "").format(**e) for e in events][-1])
+        session.proto.handshakeCompleted()
+        self.assertEqual(session.send(b"EHLO client.example.org\r\n" + ENVELOPE), EHLO_REPLY + ["250 2.1.0 Ok", "250 2.1.5 Ok"])
+
+    def test_sequence_and_syntax(self) -> None:
+        """STARTTLS takes no argument, needs EHLO and no transaction in progress."""
+        session = self.tls_session()
+        self.assertEqual(session.send(b"STARTTLS\r\n"), ["503 5.5.1 Error: send EHLO first"])
+        self.assertEqual(session.send(b"HELO client.example.org\r\nSTARTTLS\r\n"), ["250 mx.example.com", "503 5.5.1 Error: send EHLO first"])
+        session.send(b"EHLO client.example.org\r\n")
+        self.assertEqual(session.send(b"STARTTLS now\r\n"), ["501 5.5.4 Syntax: STARTTLS"])
+        self.assertEqual(session.send(b"MAIL FROM:<a@b.org>\r\nSTARTTLS\r\n"), ["250 2.1.0 Ok", "503 5.5.1 Error: MAIL transaction in progress"])
+        self.assertIsNone(session.transport.started_with)  # type: ignore[attr-defined]
+
+    def test_message_over_tls(self) -> None:
+        """The Received header says ESMTPS and names the TLS version and cipher; the envelope says tls."""
+        session = self.started()
+        session.send(b"EHLO client.example.org\r\n" + ENVELOPE + b"DATA\r\nx\r\n.\r\n")
+        committed = self.spool.committed[0]
+        self.assertEqual(
+            committed.data,
+            b"Received: from client.example.org (unknown [203.0.113.5])\r\n"
+            b"\t(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256 (128/128 bits))\r\n"
+            b"\tby mx.example.com (gomail) with ESMTPS id MSG0001\r\n"
+            b"\tfor <u@example.com>; " + EPOCH.encode() + b"\r\nx\r\n",
+        )
+        self.assertTrue(committed.envelope.tls)
+        self.assertEqual(committed.envelope.protocol, "ESMTPS")
+
+    def test_smtputf8_over_tls(self) -> None:
+        """SMTPUTF8 over TLS is UTF8SMTPS (RFC 6531)."""
+        session = self.started()
+        session.send(b"EHLO client.example.org\r\nMAIL FROM:<a@b.org> SMTPUTF8\r\nRCPT TO:<u@example.com>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual(self.spool.committed[0].envelope.protocol, "UTF8SMTPS")
+
+    def test_tls_from_the_start(self) -> None:
+        """On a TLS listener (ssl: endpoint) the session is TLS already: no STARTTLS, ESMTPS."""
+        session = self.tls_session(tls_from_start=True)
+        self.assertEqual(session.send(b"EHLO client.example.org\r\n"), EHLO_REPLY)
+        self.assertEqual(session.send(b"STARTTLS\r\n"), ["503 5.5.1 Error: TLS already active"])
+        session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(self.spool.committed[0].envelope.protocol, "ESMTPS")
+
+    def test_failed_handshake(self) -> None:
+        """A handshake that fails ends the session as tls_failed, logged."""
+        session = self.tls_session()
+        session.send(b"EHLO client.example.org\r\nSTARTTLS\r\n")
+        with capturedLogs() as events:
+            session.proto.connectionLost(Failure(SSLError([("SSL routines", "", "no shared cipher")])))
+        self.assertEqual(self.metric("gomail_smtp_sessions_total", result="tls_failed"), 1.0)
+        self.assertTrue(any("TLS handshake failed" in e.get("log_format", "") for e in events))
+
+    def test_lost_after_handshake_is_not_a_tls_failure(self) -> None:
+        """A session that drops after a good handshake is just lost."""
+        session = self.started()
+        session.proto.connectionLost(Failure(SSLError([("SSL routines", "", "unexpected eof")])))
+        self.assertIsNone(self.metric("gomail_smtp_sessions_total", result="tls_failed"))
+        self.assertEqual(self.metric("gomail_smtp_sessions_total", result="lost"), 1.0)
 
 
 class HalfCloseTests(SMTPTestCase):
