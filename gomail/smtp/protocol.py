@@ -107,6 +107,7 @@ class SMTPServerProtocol(LineReceiver):
         self._busy = False
         self._skipping = False
         self._pauses: set[object] = set()
+        self._read_stoppers: set[object] = set()  # pauses that stop reading from the socket
         self._send: Callable[[bytes], None] = self._not_connected
         self._out: list[bytes] = []  # replies of the current input pass, sent together
         self._direct = False  # our transport is the connection itself (no wrapper)
@@ -124,6 +125,7 @@ class SMTPServerProtocol(LineReceiver):
         self._helo: str | None = None
         self._esmtp = False
         self._tls = False
+        self._handshake_done = False
         self._tls_info: str | None = None
         self._errors = 0
         self._command = "CONNECT"
@@ -265,7 +267,7 @@ class SMTPServerProtocol(LineReceiver):
         self._buf = bytearray()
         self._pos = 0
         result = self._result or "lost"
-        if self._tls and self._tls_info is None and reason is not None and reason.check(SSLError) is not None:
+        if self._tls and not self._handshake_done and self._result is None and reason is not None and reason.check(SSLError) is not None:
             result = "tls_failed"
             self._log.info(
                 "SMTP session {session} from {peer}: TLS handshake failed: {error}",
@@ -293,7 +295,6 @@ class SMTPServerProtocol(LineReceiver):
             return
         self._command = "SHUTDOWN"
         self._close(421, "4.3.2", f"{self._hostname} Service shutting down", "shutdown")
-        self._abort_call = self._clock.callLater(_ABORT_GRACE, self._abort)
 
     def _abort(self) -> None:
         self._abort_call = None
@@ -312,6 +313,8 @@ class SMTPServerProtocol(LineReceiver):
         if self._closing or self._closed:
             return
         if data:
+            if self._tls and not self._handshake_done:
+                self._handshake_completed()  # behind a wrapper the TLS layer cannot tell us
             self._buf += data
             if self._idle_call is not None and self._idle_call.active():
                 self._idle_call.reset(self.settings.idle_timeout)
@@ -356,7 +359,7 @@ class SMTPServerProtocol(LineReceiver):
         self._closing = True
         self._cancel_timers()
         self._discard_writer()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._lose_connection()
 
     def _process(self) -> None:
         buf = self._buf
@@ -435,6 +438,7 @@ class SMTPServerProtocol(LineReceiver):
         """
         self._pauses.add(token)
         if read:
+            self._read_stoppers.add(token)
             self._stop_reading()
 
     def _stop_reading(self) -> None:
@@ -446,13 +450,20 @@ class SMTPServerProtocol(LineReceiver):
         if token not in self._pauses:
             return
         self._pauses.discard(token)
+        self._read_stoppers.discard(token)
         if self._pauses or self._closing or self._closed:
             return
-        if self._reading_paused:
+        self._arm_idle()
+        # Answer what is buffered before reading more: if that closes the
+        # session (a pipelined QUIT), reading stays off, so the client's
+        # EOF cannot end the connection before the replies are sent (behind
+        # TLS, an EOF read drops the unsent replies).
+        self.dataReceived(b"")
+        if not self._reading_paused or self._closing or self._closed:
+            return
+        if not self._read_stoppers and len(self._buf) - self._pos <= _READ_AHEAD:
             self._reading_paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
-        self._arm_idle()
-        self.dataReceived(b"")
 
     def _line_too_long(self) -> None:
         self._command = "UNKNOWN"
@@ -576,7 +587,22 @@ class SMTPServerProtocol(LineReceiver):
             self._result = result
         self._cancel_timers()
         self._discard_writer()
+        self._lose_connection()
+
+    def _lose_connection(self) -> None:
+        """Close once the replies are out, within ``_ABORT_GRACE`` seconds.
+
+        A client that stops reading, or one that asked for TLS and never
+        completes the handshake (the reply waits for it in the TLS layer),
+        would otherwise hold the connection and its session slot for ever.
+        Before the handshake nothing can be sent: abort at once.
+        """
+        if self._tls and not self._handshake_done:
+            self._abort()
+            return
         self.transport.loseConnection()  # type: ignore[union-attr]
+        if self._abort_call is None and not self._closed:
+            self._abort_call = self._clock.callLater(_ABORT_GRACE, self._abort)
 
     def _await(self, pending: Deferred[Any]) -> None:
         """Hold further input until ``pending`` (which sends its own reply) fires."""
@@ -713,9 +739,17 @@ class SMTPServerProtocol(LineReceiver):
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
-        """The TLS handshake is done: note its version and cipher (IHandshakeListener)."""
-        self._tls_info = describe_session(self.transport) or "TLS"
-        self._log.debug("SMTP session {session}: {tls}", session=self.session_id, tls=self._tls_info)
+        """The TLS handshake is done (IHandshakeListener)."""
+        if not self._handshake_done:
+            self._handshake_completed()
+
+    def _handshake_completed(self) -> None:
+        """Note the TLS version and cipher.  Also reached by the first bytes
+        read over TLS: behind a PROXY-protocol wrapper the TLS layer tells
+        the wrapper, not us, and data only comes once the handshake is done."""
+        self._handshake_done = True
+        self._tls_info = describe_session(self.transport)
+        self._log.debug("SMTP session {session}: {tls}", session=self.session_id, tls=self._tls_info or "TLS")
 
     def do_HELO(self, arg: str) -> None:
         """HELO: greet without extensions."""
@@ -995,7 +1029,7 @@ class SMTPServerProtocol(LineReceiver):
         else:
             client = f"(unknown [{'IPv6:' + host if ':' in host else host}])"
         when = _rfc5322_date(int(self._clock.seconds()))
-        tls = f"\t(using {self._tls_info})\r\n" if self._tls and self._tls_info and self._tls_info != "TLS" else ""
+        tls = f"\t(using {self._tls_info})\r\n" if self._tls and self._tls_info else ""
         header = (
             f"Received: from {self._helo or 'unknown'} {client}\r\n{tls}"
             f"\tby {self._hostname} (gomail) with {self._protocol_name()} id {writer.id}"

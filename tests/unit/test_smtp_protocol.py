@@ -694,17 +694,32 @@ class PipeliningTests(SMTPTestCase):
         session.send(ENVELOPE + b"RCPT TO:<v@example.com>\r\nDATA\r\n")
         self.assertEqual(sent, [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"])
 
-    def test_wrapped_connection_stops_reading_during_a_commit(self) -> None:
-        """Behind a wrapper (PROXY protocol, TLS) a half-close would not reach the
-        session, so a pending commit stops reading at once, as before."""
+    def commit_behind_a_wrapper(self, after: bytes) -> Session:
+        """A wrapped session whose message (then ``after``) waits for its commit,
+        with reading stopped meanwhile; the commit then fires."""
         self.spool.auto_commit = False
         session = Session(self.factory, wrapped=True)
         session.replies()
-        session.send(b"EHLO client.example.org\r\n" + ENVELOPE + b"DATA\r\nx\r\n.\r\n")
+        session.send(b"EHLO client.example.org\r\n" + ENVELOPE + b"DATA\r\nx\r\n.\r\n" + after)
         self.assertEqual(session.transport.producerState, "paused")
         self.spool.fire_commit()
+        return session
+
+    def test_wrapped_connection_stops_reading_during_a_commit(self) -> None:
+        """Behind a wrapper (PROXY protocol, TLS) a half-close would not reach the
+        session, so a pending commit stops reading at once, as before."""
+        session = self.commit_behind_a_wrapper(b"")
         self.assertEqual(session.replies(), ["250 2.0.0 Ok: queued as MSG0001"])
         self.assertEqual(session.transport.producerState, "producing")
+
+    def test_pipelined_quit_behind_a_wrapper_keeps_reading_off(self) -> None:
+        """A QUIT answered after a commit leaves reading off: the client's EOF must
+        not end the connection before the replies are out (behind TLS it would
+        drop them, and the client would send the message again)."""
+        session = self.commit_behind_a_wrapper(b"QUIT\r\n")
+        self.assertEqual(session.replies(), ["250 2.0.0 Ok: queued as MSG0001", "221 2.0.0 Bye"])
+        self.assertTrue(session.closing)
+        self.assertEqual(session.transport.producerState, "paused")
 
     def test_bug_while_answering_a_commit(self) -> None:
         """A bug after the commit gets 451 4.3.0; the transaction ends and the session goes on."""
@@ -918,6 +933,27 @@ class StartTLSTests(SMTPTestCase):
         session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\n")
         self.assertEqual(self.spool.committed[0].envelope.protocol, "ESMTPS")
 
+    def test_stalled_handshake_is_aborted_at_the_idle_timeout(self) -> None:
+        """A client that asks for TLS and never handshakes: the 421 could not be sent
+        (it waits for the handshake), so the connection is aborted at once."""
+        session = self.tls_session()
+        session.send(b"EHLO client.example.org\r\nSTARTTLS\r\n")
+        self.clock.advance(299)
+        self.assertFalse(session.transport.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(session.transport.disconnected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_first_data_over_tls_completes_the_handshake(self) -> None:
+        """Behind a PROXY-protocol wrapper the TLS layer cannot tell the session its
+        handshake is done; the first bytes read over TLS do."""
+        session = self.tls_session()
+        session.send(b"EHLO client.example.org\r\nSTARTTLS\r\n")
+        session.send(b"EHLO client.example.org\r\n" + ENVELOPE + b"DATA\r\nx\r\n.\r\n")
+        self.assertIn(b"\t(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256 (128/128 bits))\r\n", self.spool.committed[0].data)
+        session.proto.connectionLost(Failure(SSLError([("SSL routines", "", "bad record mac")])))
+        self.assertIsNone(self.metric("gomail_smtp_sessions_total", result="tls_failed"))
+
     def test_failed_handshake(self) -> None:
         """A handshake that fails ends the session as tls_failed, logged."""
         session = self.tls_session()
@@ -933,6 +969,27 @@ class StartTLSTests(SMTPTestCase):
         session.proto.connectionLost(Failure(SSLError([("SSL routines", "", "unexpected eof")])))
         self.assertIsNone(self.metric("gomail_smtp_sessions_total", result="tls_failed"))
         self.assertEqual(self.metric("gomail_smtp_sessions_total", result="lost"), 1.0)
+
+
+class CloseBoundTests(SMTPTestCase):
+    """Every close is bounded in time, whether or not the client reads."""
+
+    def test_a_client_that_never_reads_is_cut_off(self) -> None:
+        """loseConnection waits for the replies to drain; after the grace period the connection is aborted."""
+        session = self.ready()
+        session.send(b"QUIT\r\n")
+        self.assertTrue(session.closing)
+        self.clock.advance(4.9)
+        self.assertFalse(session.transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(session.transport.disconnected)
+
+    def test_closed_in_time_cancels_the_bound(self) -> None:
+        """A connection that closes normally leaves no timer behind."""
+        session = self.ready()
+        session.send(b"QUIT\r\n")
+        session.lose()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class HalfCloseTests(SMTPTestCase):
@@ -972,10 +1029,13 @@ class HalfCloseTests(SMTPTestCase):
         self.assertEqual(self.spool.committed, [])
 
     def test_idle(self) -> None:
-        """Half-closed with nothing pending: closed at once, timers cancelled."""
+        """Half-closed with nothing pending: closed at once, timers cancelled but
+        the bound on the close itself."""
         session = self.ready()
         session.proto.readConnectionLost()
         self.assertTrue(session.closing)
+        self.assertEqual([call.func.__name__ for call in self.clock.getDelayedCalls()], ["_abort"])  # type: ignore[attr-defined]
+        session.lose()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
