@@ -24,3 +24,5 @@ run: venv
 bench: venv
 	$(PY) bench/http_ingest
 	$(PY) bench/smtp_throughput
+	$(PY) bench/smtp_tls
+	$(PY) bench/delivery_throughput

@@ -7,19 +7,21 @@ import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
+Key = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key(use_rsa: bool = False) -> Key:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048) if use_rsa else ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: Key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+def _certificate(subject: str, key: Key, issuer: str, issuer_key: Key, ca: bool) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -36,11 +38,11 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, iss
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def write_certificate(folder: str, name: str = "mx.example.com", *, with_intermediate: bool = False) -> tuple[str, str]:
+def write_certificate(folder: str, name: str = "mx.example.com", *, with_intermediate: bool = False, use_rsa: bool = False) -> tuple[str, str]:
     """Write ``cert.pem`` (the leaf, then an intermediate if asked) and
-    ``key.pem`` into ``folder``; their paths."""
+    ``key.pem`` (ECDSA P-256, or RSA 2048) into ``folder``; their paths."""
     os.makedirs(folder, exist_ok=True)
-    key = _key()
+    key = _key(use_rsa)
     if with_intermediate:
         ca_key = _key()
         ca = _certificate("Test Intermediate", ca_key, "Test Intermediate", ca_key, True)
