@@ -110,3 +110,12 @@ _request_ids = random.Random(os.urandom(32))
 def request_id() -> str:
     """A random 32-hex-digit request id (not secret; unique in practice)."""
     return f"{_request_ids.getrandbits(128):032x}"
+
+
+def session_id() -> str:
+    """A random 16-hex-digit SMTP session id for logs (not secret).
+
+    ``secrets.token_hex`` costs a ``getrandom`` system call each time, about
+    12 us on a virtual machine: a tenth of what the rest of a session costs.
+    """
+    return f"{_request_ids.getrandbits(64):016x}"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import re
-import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -42,7 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gomail.errors import GomailError
-from gomail.ids import PerSecond
+from gomail.ids import PerSecond, session_id
 from gomail.interfaces import Envelope, IMessageWriter, StoredMessage
 from gomail.smtp.address import AddressError, domain_of, parse_path_argument, safe_text
 from gomail.smtp.data import DataDecoder, Rejection
@@ -99,7 +98,7 @@ class SMTPServerProtocol(LineReceiver):
         self.settings = factory.settings
         self._clock = factory.clock
         self._metrics = factory.metrics
-        self.session_id = secrets.token_hex(8)
+        self.session_id = session_id()
         self.MAX_LENGTH = self.settings.max_line_length
         self._hostname = self.settings.hostname
         self._buf = bytearray()

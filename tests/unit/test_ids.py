@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from gomail.ids import IdGenerator, PerSecond, id_millis, id_time, is_valid_id, iso_utc
+from gomail.ids import IdGenerator, PerSecond, id_millis, id_time, is_valid_id, iso_utc, request_id, session_id
 
 
 class IdTests(SynchronousTestCase):
@@ -29,6 +30,16 @@ class IdTests(SynchronousTestCase):
         made = [generator.make(1_790_000_000.0001) for _ in range(100)]
         self.assertEqual(made, sorted(made))
         self.assertEqual(len(set(made)), 100)
+
+
+class RandomIdTests(SynchronousTestCase):
+    """Request and session ids: fixed-width lowercase hex, and no repeats in practice."""
+
+    def test_shapes_and_uniqueness(self) -> None:
+        sessions = [session_id() for _ in range(10_000)]
+        self.assertTrue(all(re.fullmatch(r"[0-9a-f]{16}", s) for s in sessions))
+        self.assertEqual(len(set(sessions)), len(sessions))
+        self.assertRegex(request_id(), r"^[0-9a-f]{32}$")
 
 
 class FormattingTests(SynchronousTestCase):
