@@ -182,6 +182,7 @@ SPEC: dict[str, Any] = {
         "idle_timeout": _dur(SMTP_DEFAULTS.idle_timeout, "Time allowed between commands; then 421 4.4.2."),
         "data_timeout": _dur(SMTP_DEFAULTS.data_timeout, "Time allowed for one DATA/BDAT transfer."),
         "junk_command_limit": _int(SMTP_DEFAULTS.junk_command_limit, "Bad commands before 421 4.7.0.", 1),
+        "max_idle_commands": _int(SMTP_DEFAULTS.max_idle_commands, "NOOP/RSET/VRFY/HELP allowed between accepted messages; past it each counts as a bad command.", 1),
         "max_sessions": _int(SMTP_DEFAULTS.max_sessions, "Concurrent SMTP sessions in total.", 1),
         "max_header_bytes": _size(SMTP_DEFAULTS.max_header_bytes, "Largest header section."),
         "tls": {
@@ -579,6 +580,7 @@ def _build(c: dict[str, Any], warnings: tuple[str, ...]) -> Config:
         idle_timeout=s["idle_timeout"],
         data_timeout=s["data_timeout"],
         junk_command_limit=s["junk_command_limit"],
+        max_idle_commands=s["max_idle_commands"],
         max_sessions=s["max_sessions"],
         max_header_bytes=s["max_header_bytes"],
         tarpit_seconds=rl["tarpit"],

@@ -127,6 +127,7 @@ class SMTPServerProtocol(LineReceiver):
         self._handshake_done = False
         self._tls_info: str | None = None
         self._errors = 0
+        self._idle_commands = 0  # NOOP, RSET, VRFY, HELP since the last accepted message
         self._command = "CONNECT"
         self._mode = _COMMAND
         self._idle_call: IDelayedCall | None = None
@@ -551,10 +552,19 @@ class SMTPServerProtocol(LineReceiver):
         if self._metrics is not None:
             self._metrics.child(self._metrics.smtp_replies, self._command, str(code)).inc()
         if code in _JUNK_CODES:
-            self._errors += 1
-            if self._errors >= self.settings.junk_command_limit:
-                self._log.info("SMTP session {session} from {peer}: too many errors", session=self.session_id, peer=self._peer_host)
-                self._close(421, "4.7.0", f"{self._hostname} Error: too many errors", "error")
+            self._count_error()
+
+    def _count_error(self) -> None:
+        self._errors += 1
+        if self._errors >= self.settings.junk_command_limit:
+            self._log.info("SMTP session {session} from {peer}: too many errors", session=self.session_id, peer=self._peer_host)
+            self._close(421, "4.7.0", f"{self._hostname} Error: too many errors", "error")
+
+    def _idle_command(self) -> None:
+        """A command that moves no mail: past ``max_idle_commands`` it counts as an error."""
+        self._idle_commands += 1
+        if self._idle_commands > self.settings.max_idle_commands:
+            self._count_error()
 
     def _reply_error(self, error: GomailError) -> None:
         """Reply with a categorised error; a 421 closes the session."""
@@ -936,10 +946,12 @@ class SMTPServerProtocol(LineReceiver):
             return
         self._reset_transaction()
         self._reply(250, "2.0.0", "Ok")
+        self._idle_command()
 
     def do_NOOP(self, arg: str) -> None:
         """NOOP: do nothing (an argument is allowed and ignored)."""
         self._reply(250, "2.0.0", "Ok")
+        self._idle_command()
 
     def do_QUIT(self, arg: str) -> None:
         """QUIT: say goodbye and close."""
@@ -951,10 +963,12 @@ class SMTPServerProtocol(LineReceiver):
             self._reply(501, "5.5.4", "Syntax: VRFY address")
             return
         self._reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+        self._idle_command()
 
     def do_HELP(self, arg: str) -> None:
         """HELP: list the commands."""
         self._reply(214, "2.0.0", _HELP_TLS if self._offers_tls() else _HELP)
+        self._idle_command()
 
     # -- limits -------------------------------------------------------------
 
@@ -1249,6 +1263,7 @@ class SMTPServerProtocol(LineReceiver):
 
     def _committed(self, stored: object, writer: IMessageWriter, envelope: Envelope) -> None:
         message_id = stored.id if isinstance(stored, StoredMessage) else writer.id
+        self._idle_commands = 0
         self._reply(250, "2.0.0", f"Ok: queued as {message_id}")  # the client first, then the log
         try:
             self._log.info(

@@ -29,6 +29,10 @@ class SMTPSettings:
         idle_timeout: Seconds to wait for the client's next input.
         data_timeout: Seconds one DATA or BDAT transfer may take in total.
         junk_command_limit: Bad commands tolerated before the session is closed.
+        max_idle_commands: NOOP, RSET, VRFY and HELP commands allowed between
+            two accepted messages; past it each one also counts as a bad
+            command (Postfix's ``smtpd_junk_command_limit``), so a client
+            cannot hold a session for ever without sending mail.
         max_sessions: Concurrent sessions for the whole listener.
         max_header_bytes: Largest header section of a DATA message.
         tarpit_seconds: Delay before a rate-limit refusal of MAIL or RCPT.
@@ -45,6 +49,7 @@ class SMTPSettings:
     idle_timeout: float = 300
     data_timeout: float = 600
     junk_command_limit: int = 20
+    max_idle_commands: int = 100
     max_sessions: int = 1000
     max_header_bytes: int = 1048576
     tarpit_seconds: float = 0.0
@@ -62,7 +67,7 @@ class SMTPSettings:
             raise ValueError("max_line_length must be at least 64")
         if self.max_data_line_length < 3:
             raise ValueError("max_data_line_length must be at least 3")
-        for name in ("max_message_size", "max_recipients", "junk_command_limit", "max_sessions", "max_header_bytes"):
+        for name in ("max_message_size", "max_recipients", "junk_command_limit", "max_idle_commands", "max_sessions", "max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         for name in ("idle_timeout", "data_timeout"):

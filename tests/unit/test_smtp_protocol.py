@@ -662,6 +662,7 @@ class PipeliningTests(SMTPTestCase):
     def test_pending_commit_holds_later_replies(self) -> None:
         """While a commit is pending, later commands wait; reading goes on
         until 64 KiB of them pile up, then the socket is paused too."""
+        self.make_factory(max_idle_commands=100_000)  # NOOPs are the filler here
         self.spool.auto_commit = False
         session = self.ready()
         self.assertEqual(
@@ -1267,6 +1268,37 @@ class JunkTests(SMTPTestCase):
         session = self.connect()
         lines = session.send(b"X\r\n" * 25)
         self.assertEqual(lines, ["500 5.5.1 Error: command not recognized"] * 20 + ["421 4.7.0 mx.example.com Error: too many errors"])
+
+
+class IdleCommandTests(SMTPTestCase):
+    """NOOP, RSET, VRFY and HELP past max_idle_commands count as bad commands (Postfix's
+    smtpd_junk_command_limit): a client cannot hold a session for ever without sending mail."""
+
+    def test_past_the_limit_each_counts_as_an_error(self) -> None:
+        """Each still gets its own reply; the bad-command limit then closes the session."""
+        self.make_factory(max_idle_commands=3, junk_command_limit=2)
+        session = self.ready()
+        self.assertEqual(
+            [reply[:3] for reply in session.send(b"NOOP\r\nRSET\r\nHELP\r\nVRFY someone\r\nNOOP\r\nNOOP\r\n")],
+            ["250", "250", "214", "252", "250", "421"],
+        )
+        self.assertTrue(session.closing)
+
+    def test_an_accepted_message_starts_the_count_again(self) -> None:
+        """The count is per message: a session that keeps delivering mail is never closed for it."""
+        self.make_factory(max_idle_commands=2, junk_command_limit=1)
+        session = self.ready()
+        for _ in range(3):
+            replies = session.send(b"NOOP\r\nRSET\r\n" + ENVELOPE + b"DATA\r\nx\r\n.\r\n")
+            self.assertEqual(replies[-1][:25], "250 2.0.0 Ok: queued as M")
+        self.assertFalse(session.closing)
+        self.assertEqual(session.send(b"NOOP\r\nNOOP\r\nNOOP\r\n")[-1], "421 4.7.0 mx.example.com Error: too many errors")
+
+    def test_default_allows_a_hundred(self) -> None:
+        """By default 100 such commands pass; the limit of 20 bad commands follows."""
+        session = self.ready()
+        replies = session.send(b"NOOP\r\n" * 125)
+        self.assertEqual(replies, ["250 2.0.0 Ok"] * 120 + ["421 4.7.0 mx.example.com Error: too many errors"])
 
 
 class ConnectionLimitTests(SMTPTestCase):
