@@ -182,7 +182,7 @@ SPEC: dict[str, Any] = {
         "idle_timeout": _dur(SMTP_DEFAULTS.idle_timeout, "Time allowed between commands; then 421 4.4.2."),
         "data_timeout": _dur(SMTP_DEFAULTS.data_timeout, "Time allowed for one DATA/BDAT transfer."),
         "junk_command_limit": _int(SMTP_DEFAULTS.junk_command_limit, "Bad commands before 421 4.7.0.", 1),
-        "max_idle_commands": _int(SMTP_DEFAULTS.max_idle_commands, "NOOP/RSET/VRFY/HELP allowed between accepted messages; past it each counts as a bad command.", 1),
+        "max_idle_commands": _int(SMTP_DEFAULTS.max_idle_commands, "NOOP/RSET/VRFY/HELP/HELO/EHLO allowed between accepted messages; past it each counts as a bad command.", 1),
         "max_sessions": _int(SMTP_DEFAULTS.max_sessions, "Concurrent SMTP sessions in total.", 1),
         "max_header_bytes": _size(SMTP_DEFAULTS.max_header_bytes, "Largest header section."),
         "tls": {

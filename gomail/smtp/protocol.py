@@ -297,7 +297,9 @@ class SMTPServerProtocol(LineReceiver):
         self._close(421, "4.3.2", f"{self._hostname} Service shutting down", "shutdown")
 
     def _abort(self) -> None:
-        self._abort_call = None
+        call, self._abort_call = self._abort_call, None
+        if call is not None and call.active():
+            call.cancel()
         if self._closed:
             return
         abort = getattr(self.transport, "abortConnection", None)
@@ -349,7 +351,7 @@ class SMTPServerProtocol(LineReceiver):
 
     def writeConnectionLost(self) -> None:
         """Our side was half-closed (we never do that): close the rest."""
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._lose_connection()
 
     def _input_ended(self) -> None:
         """Everything the client sent before its half-close has been answered."""
@@ -422,7 +424,7 @@ class SMTPServerProtocol(LineReceiver):
 
     def stopProducing(self) -> None:
         """Stop for good (IPushProducer)."""
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._lose_connection()
 
     def _pause(self, token: object, *, read: bool = True) -> None:
         """Hold input until ``token`` is resumed.
@@ -561,7 +563,9 @@ class SMTPServerProtocol(LineReceiver):
             self._close(421, "4.7.0", f"{self._hostname} Error: too many errors", "error")
 
     def _idle_command(self) -> None:
-        """A command that moves no mail: past ``max_idle_commands`` it counts as an error."""
+        """A command that moves no mail (NOOP, RSET, VRFY, HELP, HELO, EHLO):
+        past ``max_idle_commands`` since the last accepted message it counts
+        as an error."""
         self._idle_commands += 1
         if self._idle_commands > self.settings.max_idle_commands:
             self._count_error()
@@ -604,11 +608,7 @@ class SMTPServerProtocol(LineReceiver):
         A client that stops reading, or one that asked for TLS and never
         completes the handshake (the reply waits for it in the TLS layer),
         would otherwise hold the connection and its session slot for ever.
-        Before the handshake nothing can be sent: abort at once.
         """
-        if self._tls and not self._handshake_done:
-            self._abort()
-            return
         self.transport.loseConnection()  # type: ignore[union-attr]
         if self._abort_call is None and not self._closed:
             self._abort_call = self._clock.callLater(_ABORT_GRACE, self._abort)
@@ -702,6 +702,7 @@ class SMTPServerProtocol(LineReceiver):
             lines.append("STARTTLS")
         lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"]
         self._reply_lines(250, lines)
+        self._idle_command()
 
     def _offers_tls(self) -> bool:
         return self.factory.tls is not None and not self._tls and callable(getattr(self.transport, "startTLS", None))
@@ -766,6 +767,7 @@ class SMTPServerProtocol(LineReceiver):
             return
         self._esmtp = False
         self._reply(250, "", self._hostname)
+        self._idle_command()
 
     def _hello(self, arg: str, verb: str) -> bool:
         if _HELO_NAME.fullmatch(arg) is None:

@@ -29,7 +29,7 @@ class SMTPSettings:
         idle_timeout: Seconds to wait for the client's next input.
         data_timeout: Seconds one DATA or BDAT transfer may take in total.
         junk_command_limit: Bad commands tolerated before the session is closed.
-        max_idle_commands: NOOP, RSET, VRFY and HELP commands allowed between
+        max_idle_commands: NOOP, RSET, VRFY, HELP, HELO and EHLO allowed between
             two accepted messages; past it each one also counts as a bad
             command (Postfix's ``smtpd_junk_command_limit``), so a client
             cannot hold a session for ever without sending mail.

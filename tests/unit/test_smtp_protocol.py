@@ -934,14 +934,15 @@ class StartTLSTests(SMTPTestCase):
         session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\n")
         self.assertEqual(self.spool.committed[0].envelope.protocol, "ESMTPS")
 
-    def test_stalled_handshake_is_aborted_at_the_idle_timeout(self) -> None:
-        """A client that asks for TLS and never handshakes: the 421 could not be sent
-        (it waits for the handshake), so the connection is aborted at once."""
+    def test_stalled_handshake_is_aborted_after_the_idle_timeout(self) -> None:
+        """A client that asks for TLS and never handshakes: its 421 waits for the
+        handshake in the TLS layer, so the close's bound aborts the connection."""
         session = self.tls_session()
         session.send(b"EHLO client.example.org\r\nSTARTTLS\r\n")
-        self.clock.advance(299)
+        self.clock.advance(300)
+        self.assertTrue(session.closing)
         self.assertFalse(session.transport.disconnected)
-        self.clock.advance(1)
+        self.clock.advance(5)
         self.assertTrue(session.transport.disconnected)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -991,6 +992,32 @@ class CloseBoundTests(SMTPTestCase):
         session.send(b"QUIT\r\n")
         session.lose()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ProducerTests(SMTPTestCase):
+    """pauseProducing/resumeProducing (IPushProducer): a producer pause stops reading."""
+
+    def test_pause_holds_input_and_resume_answers_it(self) -> None:
+        session = self.ready()
+        session.proto.pauseProducing()
+        self.assertEqual(session.transport.producerState, "paused")
+        self.assertEqual(session.send(b"NOOP\r\nNOOP\r\n"), [])
+        session.proto.resumeProducing()
+        self.assertEqual(session.replies(), ["250 2.0.0 Ok", "250 2.0.0 Ok"])
+        self.assertEqual(session.transport.producerState, "producing")
+
+    def test_a_producer_pause_outlasts_a_commit(self) -> None:
+        """Reading stays off while the producer pause holds, even after a commit ends."""
+        self.spool.auto_commit = False
+        session = self.ready()
+        session.send(ENVELOPE + b"DATA\r\nx\r\n.\r\nNOOP\r\n")
+        session.proto.pauseProducing()
+        self.spool.fire_commit()
+        self.assertEqual(session.replies()[-1], "250 2.0.0 Ok: queued as MSG0001")
+        self.assertEqual(session.transport.producerState, "paused")
+        session.proto.resumeProducing()
+        self.assertEqual(session.replies(), ["250 2.0.0 Ok"])
+        self.assertEqual(session.transport.producerState, "producing")
 
 
 class HalfCloseTests(SMTPTestCase):
@@ -1277,28 +1304,35 @@ class IdleCommandTests(SMTPTestCase):
     def test_past_the_limit_each_counts_as_an_error(self) -> None:
         """Each still gets its own reply; the bad-command limit then closes the session."""
         self.make_factory(max_idle_commands=3, junk_command_limit=2)
-        session = self.ready()
+        session = self.ready()  # EHLO is the first
         self.assertEqual(
-            [reply[:3] for reply in session.send(b"NOOP\r\nRSET\r\nHELP\r\nVRFY someone\r\nNOOP\r\nNOOP\r\n")],
-            ["250", "250", "214", "252", "250", "421"],
+            [reply[:3] for reply in session.send(b"NOOP\r\nRSET\r\nHELP\r\nVRFY someone\r\nNOOP\r\n")],
+            ["250", "250", "214", "252", "421"],
         )
         self.assertTrue(session.closing)
 
     def test_an_accepted_message_starts_the_count_again(self) -> None:
         """The count is per message: a session that keeps delivering mail is never closed for it."""
-        self.make_factory(max_idle_commands=2, junk_command_limit=1)
+        self.make_factory(max_idle_commands=3, junk_command_limit=1)
         session = self.ready()
         for _ in range(3):
             replies = session.send(b"NOOP\r\nRSET\r\n" + ENVELOPE + b"DATA\r\nx\r\n.\r\n")
             self.assertEqual(replies[-1][:25], "250 2.0.0 Ok: queued as M")
         self.assertFalse(session.closing)
-        self.assertEqual(session.send(b"NOOP\r\nNOOP\r\nNOOP\r\n")[-1], "421 4.7.0 mx.example.com Error: too many errors")
+        self.assertEqual(session.send(b"NOOP\r\n" * 4)[-1], "421 4.7.0 mx.example.com Error: too many errors")
+
+    def test_greetings_count_too(self) -> None:
+        """EHLO and HELO move no mail either: a client greeting in a loop is closed."""
+        self.make_factory(max_idle_commands=2, junk_command_limit=1)
+        session = self.connect()
+        replies = session.send(b"EHLO a.example\r\nHELO b.example\r\nEHLO c.example\r\n")
+        self.assertEqual(replies[-2:], ["250 CHUNKING", "421 4.7.0 mx.example.com Error: too many errors"])
 
     def test_default_allows_a_hundred(self) -> None:
-        """By default 100 such commands pass; the limit of 20 bad commands follows."""
+        """By default 100 such commands pass (EHLO is the first); the limit of 20 bad commands follows."""
         session = self.ready()
         replies = session.send(b"NOOP\r\n" * 125)
-        self.assertEqual(replies, ["250 2.0.0 Ok"] * 120 + ["421 4.7.0 mx.example.com Error: too many errors"])
+        self.assertEqual(replies, ["250 2.0.0 Ok"] * 119 + ["421 4.7.0 mx.example.com Error: too many errors"])
 
 
 class ConnectionLimitTests(SMTPTestCase):
@@ -1487,6 +1521,16 @@ class ShutdownTests(SMTPTestCase):
         busy.lose()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.metric("gomail_smtp_sessions_total", result="shutdown"), 2.0)
+
+    def test_close_all_aborts_a_closing_session_without_leaking_its_timer(self) -> None:
+        """A session already closing (QUIT answered, client not gone) is aborted at
+        once, and its close's own timer goes with it."""
+        session = self.ready()
+        session.send(b"QUIT\r\n")
+        self.factory.close_all()
+        self.assertTrue(session.transport.disconnected)
+        session.lose()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_close_all_keeps_committing_message(self) -> None:
         """close_all does not abort a message whose commit is in progress."""
