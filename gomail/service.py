@@ -44,7 +44,7 @@ from gomail.limiter import LimiterService
 from gomail.metrics import GomailMetrics
 from gomail.processor import MessageProcessor, parser_processes
 from gomail.smtp.factory import SMTPFactory
-from gomail.smtp.tls import TLSFilesError, load_server_tls
+from gomail.smtp.tls import load_server_tls
 from gomail.spool import Spool
 
 
@@ -132,9 +132,14 @@ class GomailService(MultiService):
             routes=len(self.config.routes),
         )
 
-    def reload(self, config: Config) -> None:
+    def reload(self, config: Config, tls: CertificateOptions | None) -> None:
         """Apply what can change without a restart (SIGHUP): the rate limits
-        and the SMTP certificate (re-read, so a renewed one takes effect).
+        and the SMTP certificate (so a renewed one takes effect).
+
+        Args:
+            config: The configuration read again.
+            tls: ``smtp_tls(config)``, made by the caller off the reactor
+                thread (it reads the certificate files).
 
         Other settings keep their running values until the next start; the
         log says which differ.
@@ -142,12 +147,8 @@ class GomailService(MultiService):
         self.limiter.reload(config.rate_limit)
         applied = "rate limits"
         if self.smtp is not None:
-            try:
-                self.smtp.tls = smtp_tls(config)
-            except TLSFilesError as e:  # changed since the configuration was checked
-                self._log.error("SMTP certificate not reloaded: {error}", error=str(e))
-            else:
-                applied += ", SMTP certificate" if config.smtp.tls_certificate else ", SMTP without TLS"
+            self.smtp.tls = tls
+            applied += ", SMTP certificate" if tls is not None else ", SMTP without TLS"
         # The certificate's paths apply at once; compare the rest.
         running_smtp = replace(self.config.smtp, tls_certificate=config.smtp.tls_certificate, tls_private_key=config.smtp.tls_private_key)
         unchanged = [

@@ -129,17 +129,28 @@ def makeService(options: Options) -> IService:
     return service
 
 
+def read_for_reload(options: Options) -> tuple[Config, Any]:
+    """The configuration and the SMTP TLS options it names (reads files: run in a thread)."""
+    from gomail.service import smtp_tls
+
+    config = load_from_options(options)
+    return config, smtp_tls(config)
+
+
 def _reload_on_sighup(reactor: Any, service: Any, options: Options) -> None:
-    """SIGHUP re-reads the configuration and applies the rate limits."""
+    """SIGHUP re-reads the configuration (and certificate) in a thread and
+    applies the rate limits and the certificate on the reactor."""
     import signal
 
+    from twisted.internet.threads import deferToThreadPool
+
+    def failed(failure: Any) -> None:
+        _log.error("configuration not reloaded: {error}", error=str(failure.value))
+
     def reload() -> None:
-        try:
-            config = load_from_options(options)
-        except usage.UsageError as e:
-            _log.error("configuration not reloaded: {error}", error=str(e))
-            return
-        service.reload(config)
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), read_for_reload, options)
+        d.addCallback(lambda loaded: service.reload(*loaded))
+        d.addErrback(failed)
 
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))

@@ -127,7 +127,7 @@ class SMTPServerProtocol(LineReceiver):
         self._handshake_done = False
         self._tls_info: str | None = None
         self._errors = 0
-        self._idle_commands = 0  # NOOP, RSET, VRFY, HELP since the last accepted message
+        self._idle_commands = 0  # NOOP, RSET, VRFY, HELP, HELO, EHLO since the last accepted message
         self._command = "CONNECT"
         self._mode = _COMMAND
         self._idle_call: IDelayedCall | None = None
