@@ -14,7 +14,6 @@ The files are read whole on the calling thread: at start-up and at SIGHUP
 
 from __future__ import annotations
 
-import re
 from typing import Any, cast
 
 from cryptography import x509
@@ -22,8 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
-_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----\r?\n.+?\r?\n-----END \1PRIVATE KEY-----", re.DOTALL)
 _MAX_PEM_FILE = 1 << 20
 
 
@@ -56,21 +53,17 @@ def load_server_tls(certificate: str, private_key: str | None = None) -> Certifi
     """
     cert_pem = _read(certificate, "TLS certificate")
     key_pem = cert_pem if private_key is None or private_key == certificate else _read(private_key, "TLS private key")
-    blocks = _PEM_CERTIFICATE.findall(cert_pem)
-    if not blocks:
-        raise TLSFilesError(f"the TLS certificate {certificate!r} holds no PEM certificate")
     try:
-        chain = [x509.load_pem_x509_certificate(block) for block in blocks]
+        chain = x509.load_pem_x509_certificates(cert_pem)  # every certificate of the file, in order
     except ValueError as e:
-        raise TLSFilesError(f"the TLS certificate {certificate!r} cannot be read: {e}") from e
+        raise TLSFilesError(f"the TLS certificate {certificate!r} holds no PEM certificate that can be read: {e}") from e
     where = private_key or certificate
-    found = _PEM_PRIVATE_KEY.search(key_pem)
-    if found is None:
-        raise TLSFilesError(f"the TLS private key {where!r} holds no PEM private key")
     try:
-        key = serialization.load_pem_private_key(found.group(0), password=None)
-    except (ValueError, TypeError) as e:  # TypeError: it is encrypted
-        raise TLSFilesError(f"the TLS private key {where!r} cannot be used (an encrypted key needs decrypting first): {e}") from e
+        key = serialization.load_pem_private_key(key_pem, password=None)  # finds the key block among others
+    except TypeError as e:  # it is encrypted
+        raise TLSFilesError(f"the TLS private key {where!r} is encrypted: decrypt it first ({e})") from e
+    except ValueError as e:
+        raise TLSFilesError(f"the TLS private key {where!r} holds no PEM private key gomail can use: {e}") from e
     # pyOpenSSL takes cryptography's objects (and deprecates its own X509
     # and PKey there); Twisted's annotations still name the old types.
     options = CertificateOptions(
