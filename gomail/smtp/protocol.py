@@ -66,6 +66,9 @@ _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 
 _HELP = "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
 _HELP_TLS = _HELP + " STARTTLS"
+# Commands that move no mail; past ``max_idle_commands`` of them since the
+# last accepted message, each counts as a bad command.
+_IDLE_VERBS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "HELO", "EHLO"})
 
 
 # The Received header's date, formatted once per second.
@@ -316,7 +319,7 @@ class SMTPServerProtocol(LineReceiver):
             return
         if data:
             if self._tls and not self._handshake_done:
-                self._handshake_completed()  # behind a wrapper the TLS layer cannot tell us
+                self.handshakeCompleted()  # behind a wrapper the TLS layer cannot tell us
             self._buf += data
             if self._idle_call is not None and self._idle_call.active():
                 self._idle_call.reset(self.settings.idle_timeout)
@@ -503,6 +506,8 @@ class SMTPServerProtocol(LineReceiver):
             return
         if result is not None:
             self._await(result)
+        elif verb in _IDLE_VERBS:
+            self._idle_command()
 
     def rawDataReceived(self, data: bytes) -> None:
         """Message data: DATA content or a BDAT chunk."""
@@ -702,7 +707,6 @@ class SMTPServerProtocol(LineReceiver):
             lines.append("STARTTLS")
         lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"]
         self._reply_lines(250, lines)
-        self._idle_command()
 
     def _offers_tls(self) -> bool:
         return self.factory.tls is not None and not self._tls and callable(getattr(self.transport, "startTLS", None))
@@ -749,14 +753,14 @@ class SMTPServerProtocol(LineReceiver):
         self.transport.startTLS(options)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
-        """The TLS handshake is done (IHandshakeListener)."""
-        if not self._handshake_done:
-            self._handshake_completed()
+        """The TLS handshake is done (IHandshakeListener): note its version and cipher.
 
-    def _handshake_completed(self) -> None:
-        """Note the TLS version and cipher.  Also reached by the first bytes
-        read over TLS: behind a PROXY-protocol wrapper the TLS layer tells
-        the wrapper, not us, and data only comes once the handshake is done."""
+        Also called for the first bytes read over TLS: behind a PROXY-protocol
+        wrapper the TLS layer tells the wrapper, not us, and data only comes
+        once the handshake is done.
+        """
+        if self._handshake_done:
+            return
         self._handshake_done = True
         self._tls_info = describe_session(self.transport)
         self._log.debug("SMTP session {session}: {tls}", session=self.session_id, tls=self._tls_info or "TLS")
@@ -767,7 +771,6 @@ class SMTPServerProtocol(LineReceiver):
             return
         self._esmtp = False
         self._reply(250, "", self._hostname)
-        self._idle_command()
 
     def _hello(self, arg: str, verb: str) -> bool:
         if _HELO_NAME.fullmatch(arg) is None:
@@ -948,12 +951,10 @@ class SMTPServerProtocol(LineReceiver):
             return
         self._reset_transaction()
         self._reply(250, "2.0.0", "Ok")
-        self._idle_command()
 
     def do_NOOP(self, arg: str) -> None:
         """NOOP: do nothing (an argument is allowed and ignored)."""
         self._reply(250, "2.0.0", "Ok")
-        self._idle_command()
 
     def do_QUIT(self, arg: str) -> None:
         """QUIT: say goodbye and close."""
@@ -965,12 +966,10 @@ class SMTPServerProtocol(LineReceiver):
             self._reply(501, "5.5.4", "Syntax: VRFY address")
             return
         self._reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
-        self._idle_command()
 
     def do_HELP(self, arg: str) -> None:
         """HELP: list the commands."""
         self._reply(214, "2.0.0", _HELP_TLS if self._offers_tls() else _HELP)
-        self._idle_command()
 
     # -- limits -------------------------------------------------------------
 
