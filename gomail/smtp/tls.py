@@ -8,8 +8,9 @@ secrecy, no RC4 or 3DES).  Every problem is a :class:`TLSFilesError` with a
 sentence saying what is wrong with which file, for ``gomail validate`` and the
 start-up error.
 
-The files are read whole on the calling thread: at start-up and at SIGHUP
-(with the configuration), a few kilobytes each.
+The files are read whole on the calling thread, a few kilobytes each: at
+start-up before the reactor runs, and at SIGHUP in a thread (with the
+configuration, ``gomail.tap.read_for_reload``).
 """
 
 from __future__ import annotations
